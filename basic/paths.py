@@ -1,0 +1,122 @@
+"""File naming of a VisualSearch root (SPEC §1.1, §1.6, §1.7).
+
+A caption stream names the file(s) one model branch reads, in `<rootpath>/<collection>/TextData/`. Where the
+two references name the same file differently (Chinese->English MT: NRCCR `zh2enc`, MLCMR `zhc2en`) a stream
+lists both and the first existing one is used. The primary stream, which drives the dataset, comes first in
+every list.
+"""
+import os
+from dataclasses import dataclass
+
+from basic.errors import DataError
+
+PRESETS = {
+    'vatex': {'feature': 'i3d_kinetics', 'dims': 1024},
+    'msrvttcn': {'feature': 'resnext101-resnet152', 'dims': 4096},
+    'toy': {'feature': 'toy_feature', 'dims': None},
+}
+
+SPLITS = ('train', 'val', 'test')
+TRAIN_MODES = ('parallel', 'unparallel')
+LABEL_SITUATIONS = ('human_label', 'translate')
+TARGET_LANGUAGES = ('zh', 'en')
+CLEAN_RULES = ('en', 'raw', 'auto')
+
+
+@dataclass(frozen=True)
+class CaptionStream:
+    role: str                  # e.g. 'src', 'tr', 'bt', 'primary', 'second', 'en', 'zh', 'half'
+    candidates: tuple          # file names inside <root>/<C>/TextData, first existing one wins
+    clean: str                 # 'en' (apply clean_english), 'raw', or 'auto' (per line: tag starts with 'en' -> en)
+
+    def __post_init__(self):
+        if self.clean not in CLEAN_RULES:
+            raise ValueError(f'clean must be one of {CLEAN_RULES}, got {self.clean!r}')
+
+
+def collection_dir(rootpath, collection):
+    return os.path.join(rootpath, collection)
+
+
+def text_dir(rootpath, collection):
+    return os.path.join(rootpath, collection, 'TextData')
+
+
+def feature_dir(rootpath, collection, feature):
+    return os.path.join(rootpath, collection, 'FeatureData', feature)
+
+
+def resolve_stream(rootpath, collection, stream):
+    """Path of the first existing candidate file of `stream`; DataError listing every candidate if none."""
+    folder = text_dir(rootpath, collection)
+    for name in stream.candidates:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f'{folder}: no caption file for stream {stream.role!r} (tried {", ".join(stream.candidates)}); '
+                    'put one there or check --rootpath and --collection')
+
+
+def _check(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+
+
+def _file(collection, split, suffix=''):
+    return f'{collection}{split}{suffix}.caption.txt'
+
+
+def nrccr_streams(collection, split, data_type='google_enc2zh'):
+    """NRCCR video caption streams (SPEC §1.6).
+
+    train: src (English human, cleaned), tr (`_<data_type>`), bt (`_<data_type>2enc`; the reference
+    hard-codes `_google_enc2zh2enc`, which is what the default data_type gives).
+    val/test: primary = MT of the target language xx into English (`_<p>_<xx>2enc`, or MLCMR's
+    `_<p>_<xx>c2en`; p = first `_`-field of data_type, xx = what follows `enc2`), cleaned; second = the
+    human target-language captions `_<xx>`, raw."""
+    _check('split', split, SPLITS)
+    C = collection
+    if split == 'train':
+        return [CaptionStream('src', (_file(C, 'train'),), 'en'),
+                CaptionStream('tr', (_file(C, 'train', f'_{data_type}'),), 'raw'),
+                CaptionStream('bt', (_file(C, 'train', f'_{data_type}2enc'),), 'raw')]
+    if 'enc2' not in data_type:
+        raise ValueError(f'data_type {data_type!r} does not name a target language ("<provider>_enc2<xx>")')
+    provider, xx = data_type.split('_')[0], data_type.split('enc2', 1)[1]
+    return [CaptionStream('primary', (_file(C, split, f'_{provider}_{xx}2enc'),
+                                      _file(C, split, f'_{provider}_{xx}c2en')), 'en'),
+            CaptionStream('second', (_file(C, split, f'_{xx}'),), 'raw')]
+
+
+def mlcmr_val_streams(collection, split='val'):
+    """MLCMR validation streams of any split: en `<C><split>` (cleaned) + zh `<C><split>_zh` (raw). The MSR-VTT
+    parity quirk (SPEC §1.7) validates on split='test'."""
+    return [CaptionStream('en', (_file(collection, split),), 'en'),
+            CaptionStream('zh', (_file(collection, split, '_zh'),), 'raw')]
+
+
+def mlcmr_streams(collection, split, train_mode='parallel', label_situation='translate', target_language='zh'):
+    """MLCMR caption streams (SPEC §1.7), roles 'en' and 'zh' ('half' for unparallel training).
+
+    train: parallel/human_label: en human + zh human; parallel/translate/zh: en human + en->zh MT;
+    parallel/translate/en: zh->en MT + zh human; unparallel: the mixed `_half` file, cleaned per line by tag.
+    val: `mlcmr_val_streams(C, 'val')`. test: target zh: zh->en MT + zh human; target en: en human + en->zh MT.
+    """
+    _check('split', split, SPLITS)
+    _check('train_mode', train_mode, TRAIN_MODES)
+    _check('label_situation', label_situation, LABEL_SITUATIONS)
+    _check('target_language', target_language, TARGET_LANGUAGES)
+    C = collection
+    if split == 'val':
+        return mlcmr_val_streams(C, 'val')
+    if split == 'train' and train_mode == 'unparallel':
+        return [CaptionStream('half', (_file(C, 'train', '_half'),), 'auto')]
+    en_human = CaptionStream('en', (_file(C, split),), 'en')
+    en_mt = CaptionStream('en', (_file(C, split, '_google_zhc2en'), _file(C, split, '_google_zh2enc')), 'en')
+    zh_human = CaptionStream('zh', (_file(C, split, '_zh'),), 'raw')
+    zh_mt = CaptionStream('zh', (_file(C, split, '_google_enc2zh'),), 'raw')
+    if split == 'train' and label_situation == 'human_label':
+        return [en_human, zh_human]
+    # English is the MT side when training for target en (translate) or testing target zh
+    english_is_mt = target_language == ('en' if split == 'train' else 'zh')
+    return [en_mt, zh_human] if english_is_mt else [en_human, zh_mt]
