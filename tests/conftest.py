@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny toy collection with a tiny local BERT, built once per test session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+# Small enough for seconds per epoch on 2 CPU cores, large enough for every code path
+# (several captions per video, videos over 64 frames, shuffled file orders).
+TINY = dict(n_train=24, n_val=8, n_test=10, captions_per_video=3, dim=32, bert_hidden=32, bert_layers=4, seed=0)
+
+
+@pytest.fixture(scope='session')
+def toy_root(tmp_path_factory):
+    from util.make_toy_data import make_toy_collection
+    root = tmp_path_factory.mktemp('VisualSearch')
+    make_toy_collection(str(root), 'toy', **TINY)
+    return str(root)
+
+
+def tiny_train_argv(root, run_tag, *extra):
+    """trainer.py arguments for a seconds-long run on the tiny collection."""
+    return ['--rootpath', root, '--collection', 'toy', '--visual_feature', 'toy_feature',
+            '--bert_name', os.path.join(root, 'tiny_bert'), '--layer_list', 'layer.2', 'layer.3',
+            '--text_hidden_size', '32', '--video_hidden_size', '32', '--text_num_attention', '4',
+            '--visual_num_attention', '4', '--text_mapping_layers', '0-48', '--visual_mapping_layers', '0-48',
+            '--visual_rnn_size', '16', '--visual_kernel_num', '8', '--batch_size', '16', '--eval_batch_size', '8',
+            '--workers', '0', '--device', 'cpu', '--max_violation', '--postfix', run_tag, *extra]
