@@ -165,6 +165,16 @@ def test_legacy_release_format_loads_through_allow_list(tmp_path):
     assert torch.equal(saved['model'][0]['module.input_proj_layer.net.1.weight'], torch.ones(2, 3))
 
 
+def test_legacy_numpy_scalars_load(tmp_path):
+    """The reference computed best_rsum with numpy: its pickle holds a numpy.float64 scalar."""
+    import numpy as np
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 2, 'model': legacy_state_dicts(), 'best_rsum': np.float64(366.5),
+                'opt': argparse.Namespace(a=1), 'Eiters': 9}, path)
+    saved = ckpt.load_checkpoint(path)
+    assert saved['best_rsum'] == 366.5 and saved['legacy'] is True
+
+
 def test_namespace_outside_the_legacy_layout_is_refused(tmp_path):
     path = tmp_path / 'ns.pth.tar'
     torch.save({'model': legacy_state_dicts()[:2], 'opt': argparse.Namespace(a=1)}, path)

@@ -88,6 +88,23 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     return saved
 
 
+def _legacy_allow_list():
+    """Classes the original release pickles hold: the options Namespace, and numpy scalars (e.g. a
+    `best_rsum` of type numpy.float64), which are rebuilt from a dtype and raw bytes without running code."""
+    import numpy as np
+    scalar = np._core.multiarray.scalar if hasattr(np, '_core') else np.core.multiarray.scalar
+    return [argparse.Namespace, np.dtype, (scalar, 'numpy.core.multiarray.scalar'),
+            (scalar, 'numpy._core.multiarray.scalar'), type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+
+
+def _allowed_names():
+    names = set()
+    for item in _legacy_allow_list():
+        obj, name = item if isinstance(item, tuple) else (item, f'{item.__module__}.{item.__qualname__}')
+        names.add(name)
+    return names
+
+
 def _load_with_allow_list(path, map_location, error):
     """Second attempt for a file that needs classes beyond tensors and plain types: only the original
     release format, whose one such class is argparse.Namespace, is accepted."""
@@ -97,13 +114,13 @@ def _load_with_allow_list(path, map_location, error):
         needed = set()
     if not needed:
         raise _unreadable(path, error, 'invalid pickle data') from error
-    refused = sorted(needed - {'argparse.Namespace'})
+    refused = sorted(needed - _allowed_names())
     if refused:
         raise DataError(f'{path}: refusing to unpickle {", ".join(refused)} (only tensors, plain types and, in '
                         'original NRCCR release checkpoints, argparse.Namespace are loaded); choose another file '
                         'or re-download it from a trusted source')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_legacy_allow_list()):
             saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise _unreadable(path, e) from e
