@@ -1,0 +1,459 @@
+"""Train NRCCR or MLCMR for cross-lingual text-to-video retrieval, then test the best checkpoint.
+
+    # one process, CPU or one GPU (the toy collection, see README)
+    python trainer.py --model nrccr --rootpath ~/VisualSearch --collection vatex --visual_feature i3d_kinetics
+    # several GPUs on one machine (DistributedDataParallel)
+    torchrun --standalone --nproc_per_node=2 trainer.py --model nrccr ...
+
+Re-running the same command continues an interrupted run from its last checkpoint and skips a finished
+one (`--overwrite 1` starts again). Every epoch: train one pass, validate, checkpoint, update the learning
+rate, check early stopping (SPEC §6).
+"""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import evaluation
+import model as models
+from basic import paths
+from basic.errors import DataError
+from util import checkpoint as ckpt
+from util import data_provider as dp
+from util import distributed as dist
+from util import runs
+
+logger = logging.getLogger('mlcmr')
+
+# Model-dependent defaults: (NRCCR, MLCMR), SPEC §8.
+MODEL_DEFAULTS = {
+    'batch_size': (128, 64),
+    'val_batch_size': (128, 16),
+    'test_batch_size': (64, 16),
+    'cv_name': ('MM_2022', 'mlcmr'),
+}
+
+
+def bool_flag(s):
+    if str(s).lower() in ('1', 'true', 'on', 'yes'):
+        return True
+    if str(s).lower() in ('0', 'false', 'off', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected 0/1/true/false, got {s!r}')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('MLCMR trainer', add_help=False)
+    g = p.add_argument_group('Data')
+    g.add_argument('--rootpath', default=os.path.join(os.path.expanduser('~'), 'VisualSearch'),
+                   help='VisualSearch root holding <collection>/FeatureData and TextData (default ~/VisualSearch)')
+    g.add_argument('--collection', default='vatex', help='vatex, msrvttcn, toy, ... (default vatex)')
+    g.add_argument('--visual_feature', default='i3d_kinetics',
+                   help='feature folder under FeatureData (vatex: i3d_kinetics; msrvttcn: resnext101-resnet152)')
+    g.add_argument('--data_type', default='google_enc2zh',
+                   help='NRCCR translation files <C>train_<data_type> (default google_enc2zh)')
+    g.add_argument('--collectionStrt', default='single', choices=['single'],
+                   help='collection structure; only "single" (the one that works in the reference)')
+    g.add_argument('--val_split', default='val',
+                   help="caption files used for validation (default val; the MLCMR reference used 'test' on "
+                        'MSR-VTT, which do_all_mlcmr.sh reproduces)')
+    g.add_argument('--strict', type=bool_flag, default=False,
+                   help='0: skip captions whose partner caption is missing, with one warning; 1: error')
+    g.add_argument('--frame_sampling', default='first', choices=['first', 'uniform'],
+                   help='videos longer than 64 frames: keep the first 64 (parity) or 64 uniformly spaced')
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default='nrccr', choices=sorted(models.MODELS))
+    g.add_argument('--bert_name', default='bert-base-multilingual-cased',
+                   help='hub id or local folder of the BERT text encoder (default bert-base-multilingual-cased)')
+    g.add_argument('--tokenizer_lower_case', type=bool_flag, default=True,
+                   help='1 (parity): lower-case and strip accents even for the cased mBERT; 0: keep case')
+    g.add_argument('--frozen', default='frozen', choices=['frozen', 'all_frozen', 'finetune'],
+                   help="BERT fine-tuning: 'frozen' trains only --layer_list (default), 'all_frozen' none, "
+                        "'finetune' all")
+    g.add_argument('--layer_list', nargs='+', default=None,
+                   help='BERT layers to fine-tune (NRCCR scripts: layer.5 ... layer.11; MLCMR: layer.6 ... layer.11)')
+    g.add_argument('--text_mapping_layers', default='0-1536', help='text mapping, first entry replaced (0-1536)')
+    g.add_argument('--visual_mapping_layers', default='0-1536', help='video mapping, first entry replaced (0-1536)')
+    g.add_argument('--dropout', type=float, default=0.2, help='dropout of the mappings (0.2)')
+    g.add_argument('--masked_pooling', type=bool_flag, default=False,
+                   help='0 (parity): mean-pool over padded positions too; 1: over valid positions only')
+    g.add_argument('--model_type', default='video', choices=['video'], help='only the video variant')
+
+    g = p.add_argument_group('NRCCR')
+    g.add_argument('--text_hidden_size', type=int, default=1024,
+                   help='text transformer width (default 1024 as the reference argparse; scripts use 768)')
+    g.add_argument('--video_hidden_size', type=int, default=1024, help='video transformer width (1024)')
+    g.add_argument('--text_num_attention', type=int, default=8, help='text attention heads (8)')
+    g.add_argument('--visual_num_attention', type=int, default=8, help='video attention heads (8)')
+    g.add_argument('--video_layer', type=int, default=1, help='video attention layers (1)')
+    g.add_argument('--text_layer', type=int, default=1, help='unused in the reference; kept for scripts')
+    g.add_argument('--text_pooling', default='mean', choices=['mean'], help='text pooling (mean)')
+    g.add_argument('--video_pooling', default='mean', choices=['mean'], help='video pooling (mean)')
+    g.add_argument('--attn_scale', default='value', choices=['value', 'key'],
+                   help='attention scale 1/sqrt(H/h) (value, parity) or 1/sqrt(512/h) (key)')
+    g.add_argument('--disc_type', default='weak', choices=['weak', 'not-so-weak', 'strong'],
+                   help='language discriminator (default weak; scripts: vatex strong, msrvttcn not-so-weak)')
+    g.add_argument('--disc_residual', default='relu', choices=['relu', 'input'],
+                   help='strong discriminator residual on ReLU(x) (parity) or on x')
+    g.add_argument('--glr', type=float, default=1e-3, help='discriminator Adam learning rate (1e-3)')
+    g.add_argument('--scale', type=float, default=0.001, help='weight of the adversarial generator term (0.001)')
+    g.add_argument('--tri_alpha', type=float, default=0.6, help='weight of Tri(c_tr, v) (0.6)')
+    g.add_argument('--dtl_beta', type=float, default=0.4, help='weight of similarity-view distillation (0.4)')
+    g.add_argument('--l1_gama', type=float, default=1.0, help='weight of feature-view distillation (1; scripts 0.1)')
+    g.add_argument('--back_w', type=float, default=1.0, help='weight of back-translation loss (1; scripts 0.5)')
+    g.add_argument('--dtl_detach_teacher', type=bool_flag, default=False,
+                   help='0 (parity): video gradients flow through the DTL teacher; 1: detach the whole teacher')
+    g.add_argument('--feat_detach_teacher', type=bool_flag, default=False,
+                   help='0 (parity): both sides of the feature-view loss get gradient; 1: detach c_cross')
+    g.add_argument('--sim_ratio', type=float, default=0.2, help='validation fusion weight on the English MT (0.2)')
+    g.add_argument('--momentum', type=float, default=None, help='no effect (Adam is used, as in the reference)')
+    g.add_argument('--optim', default='adam', choices=['adam'], help='optimizer (adam)')
+
+    g = p.add_argument_group('MLCMR')
+    g.add_argument('--train_mode', default='parallel', choices=['parallel', 'unparallel'])
+    g.add_argument('--label_situation', default='translate', choices=['human_label', 'translate'],
+                   help='parallel data: human captions in both languages, or source + machine translation')
+    g.add_argument('--target_language', default='zh', choices=['zh', 'en'])
+    g.add_argument('--visual_rnn_size', type=int, default=512, help='biGRU hidden size per direction (512)')
+    g.add_argument('--visual_kernel_num', type=int, default=512, help='CNN kernels per size (512)')
+    g.add_argument('--visual_kernel_sizes', default='2-3-4-5', help='CNN kernel sizes (2-3-4-5)')
+    g.add_argument('--concate', default='full', choices=['full', 'reduced'],
+                   help='video levels: full = [GRU | CNN | mean], reduced = [GRU | CNN]')
+    g.add_argument('--gru_pool', default='mean', choices=['mean'], help='GRU pooling (mean)')
+    g.add_argument('--packed_gru', type=bool_flag, default=False,
+                   help='0 (parity): GRU runs over the padding; 1: packed sequences')
+
+    g = p.add_argument_group('Loss')
+    g.add_argument('--margin', type=float, default=0.2, help='triplet margin (0.2)')
+    g.add_argument('--measure', default='cosine', choices=['cosine'])
+    g.add_argument('--direction', default='all', choices=['all', 't2v', 'v2t'])
+    g.add_argument('--cost_style', default='sum', choices=['sum', 'mean'])
+    g.add_argument('--max_violation', action='store_true', help='hardest negatives (all scripts pass it)')
+    g.add_argument('--text_norm', action='store_true', help='accepted for the scripts (embeddings are l2-normalised)')
+    g.add_argument('--visual_norm', action='store_true', help='accepted for the scripts')
+    g.add_argument('--dedup_negatives', type=bool_flag, default=False,
+                   help='0 (parity): other captions of the same video in a batch are negatives; 1: ignored')
+
+    g = p.add_argument_group('Training')
+    g.add_argument('--learning_rate', type=float, default=1e-4, help='Adam learning rate (1e-4)')
+    g.add_argument('--lr_decay_rate', type=float, default=0.99, help='per-epoch decay (0.99)')
+    g.add_argument('--grad_clip', type=float, default=2.0, help='max global grad norm (2)')
+    g.add_argument('--num_epochs', type=int, default=50, help='maximum epochs (50)')
+    g.add_argument('--batch_size', type=int, default=None, help='per process (NRCCR 128, MLCMR 64)')
+    g.add_argument('--eval_batch_size', type=int, default=None,
+                   help='validation batch (NRCCR 128, MLCMR 16; it changes padded pooling, keep it for parity)')
+    g.add_argument('--early_stop', type=int, default=10,
+                   help='stop after more than this many epochs without improvement (10)')
+    g.add_argument('--val_metric', default='recall', choices=['recall'])
+    g.add_argument('--workers', type=int, default=5, help='data-loading processes (5)')
+    g.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'], help='mixed precision (off)')
+    g.add_argument('--compile', type=bool_flag, default=False, help='torch.compile the model (0)')
+    g.add_argument('--sync_bn', type=bool_flag, default=True,
+                   help='under DDP, BatchNorm statistics over the global batch (1)')
+    g.add_argument('--max_steps_per_epoch', type=int, default=0, help='cap steps per epoch, 0 = all (for tests)')
+
+    g = p.add_argument_group('Run')
+    g.add_argument('--cv_name', default=None, help='run-folder component (NRCCR MM_2022, MLCMR mlcmr)')
+    g.add_argument('--postfix', default='runs_0', help='last run-folder component (runs_0)')
+    g.add_argument('--overwrite', type=int, default=0, help='1: train again even if the run finished')
+    g.add_argument('--resume', default='',
+                   help="checkpoint to resume from; by default an unfinished run resumes from its checkpoint_last")
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+    g.add_argument('--seed', type=int, default=0, help='random seed (0); CPU runs are repeatable')
+    g.add_argument('--log_step', type=int, default=10, help='TensorBoard scalars every N steps (10)')
+    g.add_argument('--skip_test', type=bool_flag, default=False, help='1: do not test after training')
+    return p
+
+
+def finalize_args(args):
+    """Validate and derive model-dependent defaults in one place (derived values get their own names)."""
+    i = 0 if args.model == 'nrccr' else 1
+    for key, values in MODEL_DEFAULTS.items():
+        if key == 'cv_name' and args.cv_name is None:
+            args.cv_name = values[i]
+    args.batch_size = args.batch_size or MODEL_DEFAULTS['batch_size'][i]
+    args.val_batch_size = args.eval_batch_size or MODEL_DEFAULTS['val_batch_size'][i]
+    args.test_batch_size = args.eval_batch_size or MODEL_DEFAULTS['test_batch_size'][i]
+    if args.layer_list is None:
+        args.layer_list = list(models.MODELS[args.model].DEFAULTS['trainable_layers'])
+    for flag in ('text_mapping_layers', 'visual_mapping_layers'):
+        try:
+            int(getattr(args, flag).split('-')[-1])
+        except ValueError:
+            raise SystemExit(f'--{flag} {getattr(args, flag)}: expected e.g. 0-1536') from None
+    return args
+
+
+def model_cfg_from_args(args, feat_dim):
+    """The plain config dict the model is built from (stored in every checkpoint)."""
+    common = dict(
+        bert_name=args.bert_name, trainable_layers=list(args.layer_list), frozen=args.frozen,
+        visual_feat_dim=feat_dim, mapping_dim=int(args.text_mapping_layers.split('-')[-1]),
+        mapping_dropout=args.dropout, margin=args.margin, max_violation=args.max_violation,
+        cost_style=args.cost_style, direction=args.direction, masked_pooling=args.masked_pooling,
+        dedup_negatives=args.dedup_negatives)
+    if args.model == 'nrccr':
+        return models.model_config(
+            'nrccr', **common, text_hidden_size=args.text_hidden_size, video_hidden_size=args.video_hidden_size,
+            text_num_attention=args.text_num_attention, visual_num_attention=args.visual_num_attention,
+            video_layer=args.video_layer, attn_scale_by_key=args.attn_scale == 'key', disc_type=args.disc_type,
+            disc_residual_on_relu=args.disc_residual == 'relu', tri_alpha=args.tri_alpha,
+            dtl_beta=args.dtl_beta, back_w=args.back_w, l1_gama=args.l1_gama, scale=args.scale,
+            dtl_detach_teacher=args.dtl_detach_teacher, feat_detach_teacher=args.feat_detach_teacher,
+            sim_ratio=args.sim_ratio)
+    return models.model_config(
+        'mlcmr', **common, visual_rnn_size=args.visual_rnn_size, visual_kernel_num=args.visual_kernel_num,
+        visual_kernel_sizes=[int(k) for k in args.visual_kernel_sizes.split('-')], concate=args.concate,
+        packed_gru=args.packed_gru, train_mode=args.train_mode)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def autocast_factory(amp, device):
+    """One AMP code path: a no-op context for fp32, autocast(fp16|bf16) otherwise."""
+    if amp == 'off':
+        return contextlib.nullcontext
+    dtype = torch.float16 if amp == 'fp16' else torch.bfloat16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class EvalData:
+    """Videos and captions of one evaluation split, built once."""
+
+    def __init__(self, args, split, tokenizer, store, purpose, target_language=None):
+        self.table = dp.eval_table(args, split, tokenizer, purpose=purpose, target_language=target_language)
+        store.check_videos(self.table.video_ids, self.table.files['primary'])
+        self.videos = self.table.videos
+        self.cap2vid = self.table.cap2vid()
+        self.video_set = dp.VideoDataset(self.videos, store, frame_sampling=args.frame_sampling)
+        self.text_set = dp.TextDataset(self.table)
+
+
+def embed_split(model, data, batch_size, device, workers, autocast, distributed):
+    """{'primary': sims, 'second': sims}: [captions, videos] similarity matrices on CPU."""
+    d = dist if distributed else None
+    videos = evaluation.encode_videos(model, data.video_set, batch_size, device, workers, autocast, d)
+    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, workers, autocast, d)
+    return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def train_one_epoch(state, model, ddp_model, loader, optimizers, scaler, autocast, args, writer, world):
+    """One pass over the training data; returns the epoch's mean logs and samples/s."""
+    from tqdm import tqdm
+    main_params = model.main_parameters()
+    model.train()
+    sums, count, samples, t0 = {}, 0, 0, time.time()
+    total = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
+    bar = tqdm(loader, total=total, desc=f'epoch {state["epoch"]}', leave=False, dynamic_ncols=True,
+               disable=not dist.is_main())
+    for step, batch in enumerate(bar):
+        if step >= total:
+            break
+        batch = dp.move_to(batch, state['device'])
+        with autocast():
+            outputs = ddp_model(batch)
+            loss, logs = model.training_loss(outputs)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'non-finite loss {loss.item()} at epoch {state["epoch"]} step {step} '
+                                     f'(lr {optimizers["main"].param_groups[0]["lr"]:.3g}); logs: {logs}')
+        optimizers['main'].zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizers['main'])
+        torch.nn.utils.clip_grad_norm_(main_params, args.grad_clip)
+        scaler.step(optimizers['main'])
+        scaler.update()
+        state['global_step'] += 1
+        samples += batch['index'].shape[0]
+        count += 1
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f'{logs["loss"]:.3f}')
+        if state['global_step'] % args.log_step == 0:
+            writer.scalars(dict(logs, lr=optimizers['main'].param_groups[0]['lr']), state['global_step'], 'train/')
+    elapsed = max(time.time() - t0, 1e-9)
+    return {k: v / max(count, 1) for k, v in sums.items()}, samples * world / elapsed
+
+
+def main(argv=None):
+    args = finalize_args(get_args_parser().parse_args(argv))
+    try:
+        return _main(args)
+    except DataError as e:
+        logger.error('%s', e)
+        raise SystemExit(f'error: {e}') from None
+
+
+def _main(args):
+    # ============ device, distributed, seeds ============
+    info = dist.init_distributed(args.device)
+    device, world = info.device, info.world_size
+    directory = runs.run_dir(args)
+    main_process = dist.is_main()
+    if main_process:
+        os.makedirs(directory, exist_ok=True)
+    dist.barrier()
+    runs.setup_logging(os.path.join(directory, 'train.log'), main_process)
+    finished_flag = os.path.join(directory, 'val_metric.txt')
+    if os.path.exists(finished_flag) and not args.overwrite:
+        logger.info('run already finished: %s (same configuration); pass --overwrite 1 to train again', directory)
+        return {'run_dir': directory, 'skipped': True}
+    if main_process:
+        runs.write_identity(directory, args, {'world_size': world, 'device': str(device)})
+    logger.info('run dir: %s', directory)
+    logger.info('args: %s', json.dumps(vars(args), sort_keys=True, default=str))
+    seed_everything(args.seed)          # identical initial weights on every rank
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ============ data ============
+    tokenizer = dp.build_tokenizer(args.bert_name, args.tokenizer_lower_case)
+    store = dp.FrameStore(paths.feature_dir(args.rootpath, args.collection, args.visual_feature))
+    train_table = dp.train_table(args, tokenizer)
+    train_set = dp.TrainDataset(train_table, store, augment=args.model == 'mlcmr', mask_id=tokenizer.mask_token_id,
+                                frame_sampling=args.frame_sampling, seed=args.seed)
+    val_data = EvalData(args, args.val_split, tokenizer, store, purpose='val')
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed)
+    loader = dp.make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
+                            sampler=sampler, pin_memory=device.type == 'cuda')
+    logger.info('train: %d captions of %d videos (%s); val: %d captions, %d videos',
+                len(train_set), len(train_table.videos), ', '.join(train_table.files.values()),
+                len(val_data.table), len(val_data.videos))
+
+    # ============ model, optimisers ============
+    cfg = model_cfg_from_args(args, store.dim)
+    model = models.build_model(cfg).to(device)
+    optimizers = model.configure_optimizers(args.learning_rate, args.glr)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info('model %s: %.1fM parameters, %.1fM trainable', args.model,
+                sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6)
+    ddp_model = model
+    if world > 1:
+        if args.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ignore = [n for n, _ in model.named_parameters() if n.startswith('discriminator.')]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+        model.gather, model.grad_sync, model.world_size = dist.all_gather_with_grad, dist.all_reduce_mean_, world
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    autocast = autocast_factory(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    seed_everything(args.seed + info.rank)
+
+    # ============ resume ============
+    state = {'epoch': 0, 'global_step': 0, 'best_score': 0.0, 'lr': args.learning_rate, 'lr_counter': 0,
+             'no_impr_counter': 0, 'device': device}
+    last_path = os.path.join(directory, 'checkpoint_last.pth.tar')
+    resume_path = args.resume or (last_path if os.path.exists(last_path) and not args.overwrite else '')
+    if resume_path:
+        saved = ckpt.load_checkpoint(resume_path)
+        model.load_state_dict(saved['model'])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(saved['optimizers'][name])
+        scaler.load_state_dict(saved['scaler'])
+        for key in ('epoch', 'global_step', 'best_score', 'lr', 'lr_counter', 'no_impr_counter'):
+            state[key] = saved[key]
+        ckpt.restore_rng_state(saved['rng'][info.rank] if info.rank < len(saved['rng']) else saved['rng'][0])
+        logger.info('resumed from %s at epoch %d (lr %.3g, best %.2f)', resume_path, state['epoch'],
+                    state['lr'], state['best_score'])
+    set_lr(optimizers['main'], state['lr'])
+
+    def checkpoint_dict():
+        return {'format_version': ckpt.FORMAT_VERSION, 'model_name': args.model, 'model_cfg': cfg,
+                'model': ckpt.strip_module_prefix(model.state_dict()),
+                'optimizers': {k: o.state_dict() for k, o in optimizers.items()}, 'scaler': scaler.state_dict(),
+                'args': {k: v for k, v in vars(args).items()},
+                'rng': dist.all_gather_object(ckpt.capture_rng_state()),
+                **{k: state[k] for k in ('epoch', 'global_step', 'best_score', 'lr', 'lr_counter',
+                                         'no_impr_counter')}}
+
+    # ============ training loop ============
+    writer = runs.MetricsWriter(directory, enabled=main_process)
+    best_path = os.path.join(directory, 'model_best.pth.tar')
+    try:
+        while state['epoch'] < args.num_epochs:
+            epoch = state['epoch']
+            train_set.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            t0 = time.time()
+            train_logs, samples_per_s = train_one_epoch(state, model, ddp_model, loader, optimizers, scaler,
+                                                        autocast, args, writer, world)
+            sims = embed_split(model, val_data, args.val_batch_size, device, args.workers, autocast, world > 1)
+            score, val_logs = model.validation_score(sims, val_data.cap2vid)
+            improved = score > state['best_score']
+            state['no_impr_counter'] = 0 if improved else state['no_impr_counter'] + 1
+            if improved:
+                state['best_score'] = score
+            # learning-rate schedule (SPEC §6): decay every epoch, halve after non-improving epochs
+            state['lr'] *= args.lr_decay_rate
+            state['lr_counter'] += 1
+            if not improved and state['lr_counter'] > 2:
+                state['lr'] *= 0.5
+                state['lr_counter'] = 0
+            set_lr(optimizers['main'], state['lr'])
+            state['epoch'] = epoch + 1
+            saved = checkpoint_dict()           # collective (RNG states of every rank)
+            if main_process:
+                if improved:
+                    ckpt.save_checkpoint(saved, best_path)
+                ckpt.save_checkpoint(saved, last_path)
+                with open(os.path.join(directory, 'val_metric_hist.txt'), 'a') as f:
+                    f.write(f'epoch_{epoch}: {score}\n')
+            writer.scalars(dict(val_logs, val_score=score), state['global_step'])
+            record = dict(epoch=epoch, score=score, best=state['best_score'], improved=improved,
+                          lr=state['lr'], samples_per_s=samples_per_s, seconds=time.time() - t0,
+                          **{f'train/{k}': v for k, v in train_logs.items()}, **val_logs)
+            writer.epoch_line(record)
+            logger.info('epoch %d: loss %.4f | val score %.2f (best %.2f%s) | lr %.3g | %.0f samples/s | %.0fs',
+                        epoch, train_logs.get('loss', float('nan')), score, state['best_score'],
+                        ', improved' if improved else '', state['lr'], samples_per_s, time.time() - t0)
+            if state['no_impr_counter'] > args.early_stop:
+                logger.info('early stop: %d epochs without improvement', state['no_impr_counter'])
+                break
+    except KeyboardInterrupt:
+        logger.warning('interrupted at epoch %d; run the same command again to resume from %s',
+                       state['epoch'], last_path)
+        raise
+    finally:
+        writer.close()
+
+    if main_process:
+        with open(finished_flag, 'w') as f:
+            f.write(f'best performance on validation: {state["best_score"]}\n')
+    logger.info('training finished: best validation score %.2f, checkpoint %s', state['best_score'], best_path)
+    result = {'run_dir': directory, 'best_score': state['best_score'], 'epochs': state['epoch']}
+    dist.barrier()
+    if not args.skip_test and main_process:
+        import tester
+        tester_argv = ['--rootpath', args.rootpath, '--collection', args.collection, '--logger_name', directory,
+                       '--device', str(device), '--workers', str(args.workers), '--overwrite', '1']
+        result['test'] = tester.main(tester_argv)
+    dist.cleanup()
+    return result
+
+
+if __name__ == '__main__':
+    main()

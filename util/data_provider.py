@@ -1,0 +1,342 @@
+"""Datasets and collate functions (SPEC §1.6-1.7, §2).
+
+Work happens once, not per item: every caption file is read, paired by (video id, caption index k) and
+tokenised in one batched call of a fast tokenizer when its table is built; features are one memory map;
+`__getitem__` only gathers rows and, for MLCMR training, draws the [MASK] and frame-drop augmentations
+(SPEC §2.3-2.4) from a generator seeded by (seed, epoch, index), so a run is repeatable whatever the
+number of workers.
+
+Batches are dicts of tensors:
+    video  = {'frames' (B, L, D), 'mask' (B, L) float, 'lengths' (B,) long, 'mean' (B, D)}
+    stream = {'ids' (B, L) long, 'mask' (B, L) float, 'lengths' (B,) long}
+    train batch = {'index', 'video': video, 'text': {role: stream}, 'same_video' (B, B) bool
+                   [, 'video_aug': video (MLCMR)]}
+    video batch = {'index', 'video': video};  text batch = {'index', 'text': {role: stream}}
+"""
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from basic import paths
+from basic.bigfile import BigFile
+from basic.captions import clean_english, pair_captions, read_captions, video_order
+from basic.errors import DataError
+from basic.video2frames import load_video2frames
+
+logger = logging.getLogger(__name__)
+
+VIDEO_MAX_LEN = 64
+MASK_RATIO = 0.15          # SPEC §2.3
+FRAME_DROP_RATIO = 0.8     # SPEC §2.4
+
+
+# ============ tokenisation ============
+
+@functools.lru_cache(maxsize=4)
+def build_tokenizer(name_or_path, lower_case=True):
+    """The fast WordPiece tokenizer of `name_or_path`. lower_case=True is the parity default (SPEC §2.2:
+    mBERT-cased loaded with do_lower_case=True, which also strips accents)."""
+    from transformers import BertTokenizerFast
+    try:
+        return BertTokenizerFast.from_pretrained(name_or_path, do_lower_case=lower_case)
+    except (OSError, ValueError) as e:
+        raise DataError(f'tokenizer {name_or_path}: could not load ({str(e).splitlines()[0]}); '
+                        'pass --bert_name a local folder holding vocab.txt, or download the model once') from None
+
+
+def tokenize(tokenizer, texts, chunk=8192):
+    """Token ids `[CLS] ... [SEP]` per text (no truncation, SPEC §2.2), as int32 arrays."""
+    out = []
+    for i in range(0, len(texts), chunk):
+        enc = tokenizer(texts[i:i + chunk], add_special_tokens=True, truncation=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in enc['input_ids'])
+    return out
+
+
+def _prepare_texts(cf, clean):
+    """Apply SPEC §2.1 English cleaning per the stream's rule ('en', 'raw', or 'auto' by tag)."""
+    if clean == 'en':
+        return [clean_english(t) for t in cf.texts]
+    if clean == 'auto':
+        return [clean_english(t) if tag.startswith('en') else t for t, tag in zip(cf.texts, cf.tags)]
+    return list(cf.texts)
+
+
+# ============ caption tables ============
+
+@dataclass
+class CaptionTable:
+    """Aligned caption streams: row i of every role describes the same (video, k)."""
+    cap_ids: list                      # ids of the primary stream
+    video_ids: list                    # video of each row
+    tokens: dict                       # role -> list of int32 arrays
+    files: dict = field(default_factory=dict)   # role -> path
+
+    def __len__(self):
+        return len(self.cap_ids)
+
+    @property
+    def videos(self):
+        """Distinct videos in first-appearance order of the primary file (SPEC §1.4)."""
+        return video_order(self.video_ids)
+
+    def cap2vid(self):
+        index = {v: i for i, v in enumerate(self.videos)}
+        return torch.tensor([index[v] for v in self.video_ids], dtype=torch.long)
+
+
+def load_caption_table(rootpath, collection, streams, tokenizer, strict=False):
+    """Read, pair (by video id and k) and tokenise caption streams; the first stream is the primary."""
+    files = [read_captions(paths.resolve_stream(rootpath, collection, s)) for s in streams]
+    keep, partner_rows = pair_captions(files[0], files[1:], strict=strict)
+    primary = files[0]
+    tokens = {}
+    for j, (stream, cf) in enumerate(zip(streams, files)):
+        rows = keep if j == 0 else partner_rows[j - 1]
+        texts = _prepare_texts(cf, stream.clean)
+        tokens[stream.role] = tokenize(tokenizer, [texts[r] for r in rows])
+    return CaptionTable(cap_ids=[primary.cap_ids[r] for r in keep],
+                        video_ids=[primary.video_ids[r] for r in keep],
+                        tokens=tokens, files={s.role: cf.path for s, cf in zip(streams, files)})
+
+
+def derive_half_table(rootpath, collection, tokenizer, seed=0):
+    """Non-parallel training data when `<C>train_half.caption.txt` is absent (issue #4): the training
+    videos are split in two halves by a seeded permutation of their sorted ids; the English human captions
+    of the first half and the Chinese human captions of the second half form one stream 'half'."""
+    en = read_captions(paths.resolve_stream(rootpath, collection, paths.CaptionStream(
+        'en', (f'{collection}train.caption.txt',), 'en')))
+    zh = read_captions(paths.resolve_stream(rootpath, collection, paths.CaptionStream(
+        'zh', (f'{collection}train_zh.caption.txt',), 'raw')))
+    videos = sorted(set(en.video_ids) | set(zh.video_ids))
+    perm = np.random.default_rng(seed).permutation(len(videos))
+    english_half = {videos[i] for i in perm[:len(videos) // 2]}
+    cap_ids, video_ids, texts = [], [], []
+    for cf, lang_is_en in ((en, True), (zh, False)):
+        for cap_id, vid, text in zip(cf.cap_ids, cf.video_ids, cf.texts):
+            if (vid in english_half) == lang_is_en:
+                cap_ids.append(cap_id)
+                video_ids.append(vid)
+                texts.append(clean_english(text) if lang_is_en else text)
+    logger.info('%s not found: derived a non-parallel split from %s and %s (%d videos with English, '
+                '%d with Chinese captions, seed %d)', f'{collection}train_half.caption.txt', en.path,
+                zh.path, len(english_half), len(videos) - len(english_half), seed)
+    return CaptionTable(cap_ids, video_ids, {'half': tokenize(tokenizer, texts)},
+                        files={'half': f'derived from {en.path} + {zh.path}'})
+
+
+# ============ frames ============
+
+class FrameStore:
+    """Frame features of one collection: a memory-mapped BigFile plus the video -> frames mapping."""
+
+    def __init__(self, feature_dir):
+        self.bigfile = BigFile(feature_dir)
+        self.video2frames = load_video2frames(feature_dir, self.bigfile.names)
+        self.dim = self.bigfile.ndims
+        self.path = feature_dir
+
+    def check_videos(self, video_ids, source):
+        """Every caption's video must have frames; else one error naming the first few videos."""
+        missing = [v for v in dict.fromkeys(video_ids) if not self.video2frames.get(v)]
+        if missing:
+            raise DataError(f'{source}: {len(missing)} videos have no frames in {self.path} '
+                            f'(first: {", ".join(missing[:5])}); check --visual_feature and video2frames.txt')
+
+    def frames(self, video_id):
+        return self.bigfile.read(self.video2frames[video_id])          # (n, D) float32
+
+
+def cap_frames(frames, max_len=VIDEO_MAX_LEN, sampling='first'):
+    """SPEC §2.5: keep the first `max_len` frames (parity) or `max_len` uniformly spaced ones."""
+    n = len(frames)
+    if n <= max_len:
+        return frames
+    if sampling == 'first':
+        return frames[:max_len]
+    return frames[np.linspace(0, n - 1, max_len).round().astype(np.int64)]
+
+
+def drop_frames(n, rng, ratio=FRAME_DROP_RATIO):
+    """SPEC §2.4: indices kept after removing floor(ratio·n) distinct frames, in original order (>= 1)."""
+    removed = rng.choice(n, size=int(np.floor(ratio * n)), replace=False)
+    keep = np.ones(n, dtype=bool)
+    keep[removed] = False
+    return np.flatnonzero(keep)
+
+
+def mask_tokens(ids, rng, mask_id, ratio=MASK_RATIO):
+    """SPEC §2.3: replace floor(ratio·n) distinct positions from 1..n-2 by [MASK] (never [CLS]/[SEP])."""
+    n = len(ids)
+    m = int(np.floor(ratio * n))
+    out = ids.copy()
+    if m > 0:
+        out[1 + rng.choice(n - 2, size=m, replace=False)] = mask_id
+    return out
+
+
+def _video_item(frames, max_len, sampling):
+    """(capped frames, mean over ALL frames) — SPEC §2.5 takes the mean before truncation."""
+    return cap_frames(frames, max_len, sampling), frames.mean(axis=0)
+
+
+# ============ datasets ============
+
+class TrainDataset(Dataset):
+    """One item per caption row: its video's frames and every caption stream (SPEC §1.6 / §1.7).
+    With `augment` (MLCMR) it adds a frame-dropped video and a masked copy of each stream."""
+
+    def __init__(self, table, store, augment=False, mask_id=103, max_frames=VIDEO_MAX_LEN,
+                 frame_sampling='first', seed=0):
+        store.check_videos(table.video_ids, next(iter(table.files.values())))
+        self.table, self.store, self.augment, self.mask_id = table, store, augment, mask_id
+        self.max_frames, self.frame_sampling, self.seed, self.epoch = max_frames, frame_sampling, seed, 0
+        videos = table.videos
+        index = {v: i for i, v in enumerate(videos)}
+        self.video_index = np.array([index[v] for v in table.video_ids], dtype=np.int64)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        frames = self.store.frames(self.table.video_ids[i])
+        item = {'index': i, 'video_index': self.video_index[i],
+                'video': _video_item(frames, self.max_frames, self.frame_sampling),
+                'text': {role: toks[i] for role, toks in self.table.tokens.items()}}
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            item['video_aug'] = _video_item(frames[drop_frames(len(frames), rng)], self.max_frames,
+                                            self.frame_sampling)
+            for role in list(item['text']):
+                item['text'][f'{role}_masked'] = mask_tokens(item['text'][role], rng, self.mask_id)
+        return item
+
+
+class VideoDataset(Dataset):
+    """Evaluation videos, in the given order."""
+
+    def __init__(self, video_ids, store, max_frames=VIDEO_MAX_LEN, frame_sampling='first'):
+        self.video_ids, self.store = list(video_ids), store
+        self.max_frames, self.frame_sampling = max_frames, frame_sampling
+
+    def __len__(self):
+        return len(self.video_ids)
+
+    def __getitem__(self, i):
+        frames = self.store.frames(self.video_ids[i])
+        return {'index': i, 'video': _video_item(frames, self.max_frames, self.frame_sampling)}
+
+
+class TextDataset(Dataset):
+    """Evaluation captions of a table, in file order."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        return {'index': i, 'text': {role: toks[i] for role, toks in self.table.tokens.items()}}
+
+
+# ============ collate ============
+
+def collate_ids(seqs):
+    """Pad int arrays with [PAD]=0 to the batch max: ids (B, L) long, mask (B, L) float, lengths."""
+    ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s.astype(np.int64)) for s in seqs],
+                                          batch_first=True)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    return {'ids': ids, 'mask': mask, 'lengths': lengths}
+
+
+def collate_video(items):
+    """items: (capped frames (n_i, D), mean (D,)) -> zero-padded frames (B, L, D), mask, lengths, mean."""
+    frames = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(f) for f, _ in items], batch_first=True)
+    lengths = torch.tensor([len(f) for f, _ in items], dtype=torch.long)
+    mask = (torch.arange(frames.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    mean = torch.from_numpy(np.stack([m for _, m in items]))
+    return {'frames': frames, 'mask': mask, 'lengths': lengths, 'mean': mean}
+
+
+def collate(items):
+    """Collate any of the item kinds above into the batch dicts described in the module docstring."""
+    batch = {'index': torch.tensor([it['index'] for it in items], dtype=torch.long)}
+    for key in ('video', 'video_aug'):
+        if key in items[0]:
+            batch[key] = collate_video([it[key] for it in items])
+    if 'text' in items[0]:
+        batch['text'] = {role: collate_ids([it['text'][role] for it in items]) for role in items[0]['text']}
+    if 'video_index' in items[0]:
+        vid = torch.tensor([it['video_index'] for it in items])
+        batch['video_index'] = vid
+        batch['same_video'] = (vid.unsqueeze(0) == vid.unsqueeze(1)) & ~torch.eye(len(items), dtype=torch.bool)
+    return batch
+
+
+def move_to(batch, device):
+    """Recursively move every tensor of a batch to `device` (non-blocking from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+
+
+def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, sampler=None, pin_memory=False):
+    """DataLoader with the shared collate, a seeded generator and seeded workers."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=False,
+                      generator=g, worker_init_fn=_seed_worker, persistent_workers=False)
+
+
+# ============ what each model reads ============
+
+def train_table(args, tokenizer):
+    """The training caption table of the run's model / mode (SPEC §1.6, §1.7)."""
+    C = args.collection
+    if args.model == 'nrccr':
+        streams = paths.nrccr_streams(C, 'train', args.data_type)
+    elif args.train_mode == 'unparallel':
+        half = paths.mlcmr_streams(C, 'train', 'unparallel')[0]
+        if not any(os.path.exists(os.path.join(paths.text_dir(args.rootpath, C), n)) for n in half.candidates):
+            return derive_half_table(args.rootpath, C, tokenizer, seed=0)
+        streams = [half]
+    else:
+        streams = paths.mlcmr_streams(C, 'train', args.train_mode, args.label_situation, args.target_language)
+    return load_caption_table(args.rootpath, C, streams, tokenizer, strict=args.strict)
+
+
+def eval_table(args, split, tokenizer, purpose='test', target_language=None):
+    """Evaluation captions with roles 'primary' and 'second' (SPEC §1.6 val/test, §1.7).
+
+    MLCMR validates on `<C><split>.caption.txt` + `<C><split>_zh.caption.txt` whatever the target language
+    (the trainer passes split='test' for MSR-VTT, the reference's parity quirk) and tests on the files of
+    the target language."""
+    C = args.collection
+    if args.model == 'nrccr':
+        streams = paths.nrccr_streams(C, split, args.data_type)
+    elif purpose == 'val':
+        streams = paths.mlcmr_val_streams(C, split)
+    else:
+        streams = paths.mlcmr_streams(C, split, args.train_mode, args.label_situation,
+                                      target_language or args.target_language)
+    streams = [paths.CaptionStream(role, s.candidates, s.clean) for role, s in zip(('primary', 'second'), streams)]
+    return load_caption_table(args.rootpath, C, streams, tokenizer, strict=args.strict)
