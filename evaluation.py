@@ -284,7 +284,7 @@ def _encode(embed, dataset, batch_size, device, workers, autocast, dist, desc):
     loader = DataLoader(dataset, batch_sampler=_shard_batches(len(dataset), batch_size, rank, world),
                         collate_fn=collate, num_workers=workers, pin_memory=device.type == 'cuda')
     index, parts = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=rank != 0, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if rank == 0 else True, dynamic_ncols=True):
         with autocast():
             out = embed(move_to(batch, device))
         index.append(batch['index'])

@@ -49,9 +49,17 @@ COMMON_DEFAULTS = dict(
 
 # ============ BERT ============
 
+def quiet_transformers():
+    """Keep transformers' load reports (e.g. the unused pooler weights) and progress bars out of our logs."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_pretrained_bert(name_or_path):
     """`BertModel.from_pretrained` for a hub id or a local folder, with a one-line error on failure."""
     from transformers import BertModel
+    quiet_transformers()
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith('.') or os.path.exists(name_or_path)
     if looks_local and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
         raise DataError(f'--bert_name {name_or_path}: no BERT folder there (config.json missing); '

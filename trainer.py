@@ -147,7 +147,8 @@ def get_args_parser():
     g.add_argument('--learning_rate', type=float, default=1e-4, help='Adam learning rate (1e-4)')
     g.add_argument('--lr_decay_rate', type=float, default=0.99, help='per-epoch decay (0.99)')
     g.add_argument('--grad_clip', type=float, default=2.0, help='max global grad norm (2)')
-    g.add_argument('--num_epochs', type=int, default=50, help='maximum epochs (50)')
+    g.add_argument('--num_epochs', type=int, default=50,
+                   help='maximum epochs (50); 0 saves and tests the untrained model (a baseline)')
     g.add_argument('--batch_size', type=int, default=None, help='per process (NRCCR 128, MLCMR 64)')
     g.add_argument('--eval_batch_size', type=int, default=None,
                    help='validation batch (NRCCR 128, MLCMR 16; it changes padded pooling, keep it for parity)')
@@ -263,7 +264,7 @@ def train_one_epoch(state, model, ddp_model, loader, optimizers, scaler, autocas
     sums, count, samples, t0 = {}, 0, 0, time.time()
     total = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
     bar = tqdm(loader, total=total, desc=f'epoch {state["epoch"]}', leave=False, dynamic_ncols=True,
-               disable=not dist.is_main())
+               disable=None if dist.is_main() else True)   # None: off when stderr is not a terminal
     for step, batch in enumerate(bar):
         if step >= total:
             break
@@ -366,6 +367,7 @@ def _main(args):
     state = {'epoch': 0, 'global_step': 0, 'best_score': 0.0, 'lr': args.learning_rate, 'lr_counter': 0,
              'no_impr_counter': 0, 'device': device}
     last_path = os.path.join(directory, 'checkpoint_last.pth.tar')
+    best_path = os.path.join(directory, 'model_best.pth.tar')
     resume_path = args.resume or (last_path if os.path.exists(last_path) and not args.overwrite else '')
     if resume_path:
         saved = ckpt.load_checkpoint(resume_path)
@@ -391,12 +393,21 @@ def _main(args):
 
     # ============ training loop ============
     writer = runs.MetricsWriter(directory, enabled=main_process)
-    best_path = os.path.join(directory, 'model_best.pth.tar')
+    if args.num_epochs == 0 and not resume_path:
+        # An untrained baseline: the initial weights become the "best" checkpoint, so the test step reports
+        # what training adds.
+        sims = embed_split(model, val_data, args.val_batch_size, device, args.workers, autocast, world > 1)
+        state['best_score'], _ = model.validation_score(sims, val_data.cap2vid)
+        saved = checkpoint_dict()
+        if main_process:
+            ckpt.save_checkpoint(saved, best_path)
+        logger.info('--num_epochs 0: saved the untrained model (val score %.2f)', state['best_score'])
     try:
         while state['epoch'] < args.num_epochs:
             epoch = state['epoch']
             train_set.set_epoch(epoch)
-            if sampler is not None:
+            loader.generator.manual_seed(args.seed * 100003 + epoch)   # shuffling depends on (seed, epoch) only,
+            if sampler is not None:                                     # so a resumed run sees the same order
                 sampler.set_epoch(epoch)
             t0 = time.time()
             train_logs, samples_per_s = train_one_epoch(state, model, ddp_model, loader, optimizers, scaler,

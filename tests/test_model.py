@@ -1,0 +1,284 @@
+"""Model building blocks and both models: shapes, norms, gradients, parity switches, legacy checkpoints."""
+import argparse
+import math
+import os
+
+import pytest
+import torch
+
+import model as models
+from util import checkpoint as ckpt
+
+
+def small_cfg(root, name, **overrides):
+    base = dict(bert_name=os.path.join(root, 'tiny_bert'), visual_feat_dim=32, mapping_dim=48)
+    if name == 'nrccr':
+        base.update(trainable_layers=['layer.2', 'layer.3'], text_hidden_size=32, video_hidden_size=32,
+                    text_num_attention=4, visual_num_attention=4)
+    else:
+        base.update(trainable_layers=['layer.3'], visual_rnn_size=16, visual_kernel_num=8)
+    base.update(overrides)
+    return models.model_config(name, **base)
+
+
+def fake_stream(B, L, vocab=200, lengths=None):
+    lengths = lengths or [L - (i % 3) for i in range(B)]
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(104, vocab, (n,))
+        ids[i, 0], ids[i, n - 1] = 101, 102
+        mask[i, :n] = 1
+    return {'ids': ids, 'mask': mask, 'lengths': torch.tensor(lengths)}
+
+
+def fake_video(B, L, D=32, lengths=None):
+    lengths = lengths or [L - (i % 4) for i in range(B)]
+    frames = torch.zeros(B, L, D)
+    mask = torch.zeros(B, L)
+    for i, n in enumerate(lengths):
+        frames[i, :n] = torch.randn(n, D)
+        mask[i, :n] = 1
+    return {'frames': frames, 'mask': mask, 'lengths': torch.tensor(lengths), 'mean': torch.randn(B, D)}
+
+
+def nrccr_batch(B=6):
+    vid = torch.arange(B) // 2                         # two captions per video
+    return {'video': fake_video(B, 9), 'text': {'src': fake_stream(B, 7), 'tr': fake_stream(B, 8),
+                                               'bt': fake_stream(B, 6)},
+            'video_index': vid, 'same_video': (vid[:, None] == vid[None]) & ~torch.eye(B, dtype=torch.bool)}
+
+
+# ============ building blocks ============
+
+def test_attention_block_matches_hand_formula():
+    """One head, H=4, key size 4: scores Q K^T / sqrt(H/h), additive mask, residual + LayerNorm."""
+    torch.manual_seed(0)
+    block = models.AttentionBlock(hidden=4, heads=1, key_size=4, dropout=0.0).eval()
+    x = torch.randn(1, 3, 4)
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    q, k, v = block.self.query(x), block.self.key(x), block.self.value(x)
+    scores = q @ k.transpose(1, 2) / math.sqrt(4 / 1) + (1 - m[:, :, None] * m[:, None, :]) * -10000.0
+    ctx = scores.softmax(-1) @ v
+    expected = block.output.LayerNorm(block.output.dense(ctx) + x)
+    assert torch.allclose(block(x, x, m, m), expected, atol=1e-6)
+    cross = block.output.LayerNorm(block.output.dense(ctx))          # cross mode: no residual
+    assert torch.allclose(block(x, x, m, m, cross=True), cross, atol=1e-6)
+
+
+def test_attention_scale_switch():
+    parity = models.AttentionBlock(hidden=768, heads=8)
+    clean = models.AttentionBlock(hidden=768, heads=8, scale_by_key=True)
+    assert parity.scale == pytest.approx(1 / math.sqrt(96)) and clean.scale == pytest.approx(1 / math.sqrt(64))
+
+
+def test_pooling_parity_and_masked():
+    x = torch.tensor([[[1.0], [3.0], [0.0], [0.0]]])
+    m = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert models.pool(x, m, masked=False).item() == pytest.approx(1.0)    # (1+3+0+0)/4, padding included
+    assert models.pool(x, m, masked=True).item() == pytest.approx(2.0)
+
+
+def test_resblock_residual_switch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5)
+    parity, clean = models.ResBlock(4, True), models.ResBlock(4, False)
+    clean.load_state_dict(parity.state_dict())
+    body = 0.3 * parity.conv2(torch.relu(parity.conv1(torch.relu(x))))
+    assert torch.allclose(parity(x), torch.relu(x) + body, atol=1e-6)
+    assert torch.allclose(clean(x), x + body, atol=1e-6)
+
+
+def test_mfc_is_unit_norm_and_xavier_init():
+    torch.manual_seed(0)
+    mfc = models.MFC(100, 50)
+    bound = math.sqrt(6 / 150)
+    assert mfc.fc1.weight.abs().max() <= bound and torch.all(mfc.fc1.bias == 0)
+    out = mfc(torch.randn(8, 100))
+    assert torch.allclose(out.norm(dim=1), torch.ones(8), atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['weak', 'not-so-weak', 'strong'])
+def test_discriminator_kinds(kind):
+    d = models.Discriminator(32, kind)
+    assert d(torch.randn(3, 5, 32), torch.ones(3, 5)).shape == (3, 2)
+
+
+# ============ NRCCR ============
+
+def test_nrccr_training_step_shapes_and_frozen_layers(toy_root):
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'nrccr'))
+    opts = model.configure_optimizers(1e-3)
+    out = model(nrccr_batch())
+    for key in ('v', 'c_src', 'c_tr', 'c_cross', 'c_bt'):
+        assert out[key].shape == (6, 48)
+        assert torch.allclose(out[key].norm(dim=1), torch.ones(6), atol=1e-5)
+    loss, logs = model.training_loss(out)
+    assert math.isfinite(loss.item()) and {'tri_src', 'dtl', 'loss_disc', 'gen'} <= set(logs)
+    opts['main'].zero_grad()
+    loss.backward()
+    for name, p in model.text_encoder.bert.named_parameters():
+        trained = name.startswith('encoder.layer.2.') or name.startswith('encoder.layer.3.')
+        assert p.requires_grad == trained, name
+        if trained and 'LayerNorm' not in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if not trained:
+            assert p.grad is None, name
+    assert all(p.grad is not None for p in model.video_encoder.parameters())
+
+
+def test_layer_list_matches_exact_indices(toy_root):
+    """The reference's substring test would let 'layer.1' select layers 10 and 11 too."""
+    bert = models.load_pretrained_bert(os.path.join(toy_root, 'tiny_bert'))
+    models.set_bert_trainable(bert, 'frozen', ['layer.1'])
+    trained = {n.split('.')[2] for n, p in bert.named_parameters() if p.requires_grad}
+    assert trained == {'1'}
+    models.set_bert_trainable(bert, 'all_frozen', ['layer.1'])
+    assert not any(p.requires_grad for p in bert.parameters())
+
+
+def test_discriminator_step_updates_only_discriminator(toy_root):
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'nrccr', disc_type='strong'))
+    model.configure_optimizers(1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.discriminator_step(model(nrccr_batch()))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith('discriminator.') for n in changed)
+
+
+def test_embeddings_independent_of_batch_order_and_mode(toy_root):
+    """Eval embeddings are per-row deterministic: permuting the batch permutes the output."""
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'nrccr')).eval()
+    batch = nrccr_batch()
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    permuted = {k: v[perm] for k, v in batch['video'].items()}
+    with torch.no_grad():
+        assert torch.allclose(model.embed_videos(batch['video'])[perm], model.embed_videos(permuted), atol=1e-5)
+        emb = model.embed_texts({'primary': batch['text']['src']})['primary']
+        assert emb.shape == (6, 48)
+
+
+def test_masked_pooling_makes_embeddings_padding_free(toy_root):
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'nrccr', masked_pooling=True)).eval()
+    video = fake_video(2, 5, lengths=[5, 3])
+    padded = {k: v for k, v in video.items()}
+    padded['frames'] = torch.cat([video['frames'], torch.zeros(2, 4, 32)], 1)
+    padded['mask'] = torch.cat([video['mask'], torch.zeros(2, 4)], 1)
+    with torch.no_grad():
+        assert torch.allclose(model.embed_videos(video), model.embed_videos(padded), atol=1e-5)
+
+
+# ============ MLCMR ============
+
+def mlcmr_batch(B=6):
+    vid = torch.arange(B)
+    text = {'en': fake_stream(B, 7), 'zh': fake_stream(B, 9)}
+    text.update({f'{k}_masked': fake_stream(B, v['ids'].shape[1]) for k, v in list(text.items())})
+    return {'video': fake_video(B, 9), 'video_aug': fake_video(B, 3, lengths=[2] * B + []),
+            'text': text, 'video_index': vid, 'same_video': torch.zeros(B, B, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize('concate,packed', [('full', False), ('reduced', True)])
+def test_mlcmr_video_encoder_levels(toy_root, concate, packed):
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr', concate=concate, packed_gru=packed))
+    enc = model.video_encoder
+    assert enc.out_dim == 32 + 4 * 8 + (32 if concate == 'full' else 0)
+    video = fake_video(4, 6)
+    feats = enc(video)
+    assert feats.shape == (4, enc.out_dim)
+    if concate == 'full':                   # the last D_v entries are the frame mean, untouched
+        assert torch.equal(feats[:, -32:], video['mean'])
+
+
+def test_mlcmr_loss_terms(toy_root):
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr'))
+    loss, logs = model.training_loss(model(mlcmr_batch()))
+    expected = sum(logs[k] for k in ('nce_video', 'tri_en', 'nce_en', 'tri_zh', 'nce_zh'))
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and logs['loss'] == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.video_encoder.parameters())
+
+
+def test_fusion_sweeps():
+    assert [w for _, w in models.NRCCR.fusion_sweep()] == [1.0, 0.8, 0.5, 0.2, 0.0]
+    assert models.MLCMR.fusion_sweep('zh', 'parallel', 'human_label')[0][1] == pytest.approx(0.15)
+    assert models.MLCMR.fusion_sweep('en', 'parallel', 'translate')[0][1] == pytest.approx(0.55)
+    assert models.MLCMR.fusion_sweep('zh', 'unparallel', 'translate')[0][1] == pytest.approx(0.45)
+
+
+# ============ original NRCCR release checkpoints ============
+
+def to_release_format(model):
+    """Write our NRCCR's weights with the reference's names (SPEC §3.7), by the documented stems."""
+    parts = [{}, {}, {}, {}, {}]
+    for key, value in model.state_dict().items():
+        comp, rest = key.split('.', 1)
+        if comp == 'video_encoder':
+            parts[0]['module.' + rest] = value
+        elif comp == 'text_encoder':
+            rest = 'text_bert.text_bert.' + rest[len('bert.'):] if rest.startswith('bert.') else rest
+            parts[1]['module.' + rest] = value
+        elif comp == 'video_mapping':
+            parts[2]['mapping.' + rest] = value
+        elif comp == 'text_mapping':
+            parts[3]['mapping.' + rest] = value
+        else:
+            parts[4]['discriminator.' + rest] = value
+    parts[1]['module.text_bert.text_bert.embeddings.position_ids'] = torch.arange(512)[None]
+    parts[1]['module.text_bert.text_bert.pooler.dense.weight'] = torch.zeros(32, 32)
+    return parts
+
+
+def test_legacy_checkpoint_gives_identical_embeddings(toy_root, tmp_path):
+    import tester
+    torch.manual_seed(0)
+    cfg = small_cfg(toy_root, 'nrccr', disc_type='strong')
+    ours = models.build_model(cfg).eval()
+    parts = to_release_format(ours)
+    assert 'module.input_proj_layer.net.1.weight' in parts[0]
+    assert 'module.encoder_layer.self.query.weight' in parts[1]
+    assert 'mapping.bn_1.running_mean' in parts[2]
+    assert 'discriminator.convolve.1.conv1.weight' in parts[4]
+    opt = argparse.Namespace(collection='toy', text_num_attention=4, visual_num_attention=4, disc_type='strong',
+                             layer_list=['layer.2', 'layer.3'], frozen='frozen')
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 3, 'model': parts, 'best_rsum': 100.0, 'opt': opt, 'Eiters': 10}, path)
+    loaded, train_args = tester.load_model(str(path), bert_name=cfg['bert_name'])
+    loaded.eval()
+    assert train_args['collection'] == 'toy' and train_args['model'] == 'nrccr'
+    batch = nrccr_batch()
+    with torch.no_grad():
+        assert torch.equal(ours.embed_videos(batch['video']), loaded.embed_videos(batch['video']))
+        t1 = ours.embed_texts({'p': batch['text']['src']})['p']
+        t2 = loaded.embed_texts({'p': batch['text']['src']})['p']
+        assert torch.equal(t1, t2)
+
+
+def test_our_checkpoint_round_trip(toy_root, tmp_path):
+    import tester
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr')).eval()
+    path = tmp_path / 'm.pth.tar'
+    ckpt.save_checkpoint({'format_version': ckpt.FORMAT_VERSION, 'model_cfg': model.cfg,
+                          'model': model.state_dict(), 'args': {'model': 'mlcmr'}}, path)
+    os.rename(os.path.join(toy_root, 'tiny_bert'), os.path.join(toy_root, 'tiny_bert_away'))
+    try:                                    # rebuilding needs no BERT folder: the config is in the checkpoint
+        loaded, _ = tester.load_model(str(path))
+    finally:
+        os.rename(os.path.join(toy_root, 'tiny_bert_away'), os.path.join(toy_root, 'tiny_bert'))
+    video = fake_video(3, 5)
+    with torch.no_grad():
+        assert torch.equal(model.embed_videos(video), loaded.eval().embed_videos(video))
+
+
+def test_unknown_bert_folder_is_one_line_error(tmp_path):
+    from basic.errors import DataError
+    with pytest.raises(DataError, match='no BERT folder') as e:
+        models.load_pretrained_bert(str(tmp_path / 'nope'))
+    assert '\n' not in str(e.value)
