@@ -159,7 +159,7 @@ def get_args_parser():
     g.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'], help='mixed precision (off)')
     g.add_argument('--compile', type=bool_flag, default=False, help='torch.compile the model (0)')
     g.add_argument('--sync_bn', type=bool_flag, default=True,
-                   help='under DDP, BatchNorm statistics over the global batch (1)')
+                   help='under DDP on GPUs, BatchNorm statistics over the global batch (1); CPU: per rank')
     g.add_argument('--max_steps_per_epoch', type=int, default=0, help='cap steps per epoch, 0 = all (for tests)')
 
     g = p.add_argument_group('Run')
@@ -350,8 +350,10 @@ def _main(args):
                 sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6)
     ddp_model = model
     if world > 1:
-        if args.sync_bn:
+        if args.sync_bn and device.type == 'cuda':
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:   # SyncBatchNorm needs CUDA: statistics stay per rank, running stats come from rank 0
+            logger.info('BatchNorm statistics per rank (SyncBatchNorm needs CUDA); running stats from rank 0')
         ignore = [n for n, _ in model.named_parameters() if n.startswith('discriminator.')]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -412,6 +414,7 @@ def _main(args):
             t0 = time.time()
             train_logs, samples_per_s = train_one_epoch(state, model, ddp_model, loader, optimizers, scaler,
                                                         autocast, args, writer, world)
+            dist.broadcast_buffers_(model)      # every rank evaluates with rank 0's BatchNorm statistics
             sims = embed_split(model, val_data, args.val_batch_size, device, args.workers, autocast, world > 1)
             score, val_logs = model.validation_score(sims, val_data.cap2vid)
             improved = score > state['best_score']

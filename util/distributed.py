@@ -150,3 +150,11 @@ def cleanup():
     """Leave the process group (if any)."""
     if _active():
         dist.destroy_process_group()
+
+
+def broadcast_buffers_(module, src=0):
+    """Copy rank `src`'s buffers (e.g. BatchNorm running statistics, which each rank updates from its
+    own batches when BatchNorm is not synchronised) to every rank; no-op without a process group."""
+    if get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
