@@ -246,6 +246,34 @@ def fuse(sims_a, sims_b, w):
     return w * norm_score(a) + (1 - w) * norm_score(b)
 
 
+@torch.no_grad()
+def similarity_range(text_emb, video_emb, chunk_rows=4096, device=None):
+    """(min, max) of text_emb @ video_emb.T, streamed over blocks of captions (never the whole matrix)."""
+    device = device or text_emb.device
+    v = video_emb.to(device)
+    lo, hi = float('inf'), float('-inf')
+    for i in range(0, len(text_emb), chunk_rows):
+        block = text_emb[i:i + chunk_rows].to(device) @ v.T
+        lo, hi = min(lo, block.min().item()), max(hi, block.max().item())
+    return lo, hi
+
+
+def fusion_embeddings(text_a, text_b, video_emb, w, normalize, device=None):
+    """Embeddings whose dot products rank exactly like the fused matrix, for galleries too large to hold it.
+
+    fused = w * f(A) + (1 - w) * f(B) with A = text_a @ V.T, B = text_b @ V.T and f the global min-max
+    (`normalize`, NRCCR) or the identity (MLCMR). Since f(S) = (S - lo) / (hi - lo), fused equals
+    [w/r_a * text_a | (1-w)/r_b * text_b] @ [V | V].T minus a constant, and a constant changes no ranking.
+    """
+    scale_a, scale_b = w, 1.0 - w
+    if normalize:
+        lo_a, hi_a = similarity_range(text_a, video_emb, device=device)
+        lo_b, hi_b = similarity_range(text_b, video_emb, device=device)
+        scale_a /= (hi_a - lo_a) or 1.0
+        scale_b /= (hi_b - lo_b) or 1.0
+    return torch.cat([scale_a * text_a, scale_b * text_b], dim=1), torch.cat([video_emb, video_emb], dim=1)
+
+
 # ============ reporting ============
 
 _TABLE_COLUMNS = (('t2v R@1', 't2v_r1', 1, 1), ('R@5', 't2v_r5', 1, 1), ('R@10', 't2v_r10', 1, 1),
@@ -321,8 +349,10 @@ def encode_texts(model, dataset, batch_size, device, workers=0, autocast=context
         model.train(was_training)
 
 
+def l2_normalize(x):
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def similarity(text_emb, video_emb):
     """[captions, videos] cosine similarities; rows re-l2-normalised as in SPEC §7.1."""
-    t = text_emb / text_emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    v = video_emb / video_emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return t @ v.T
+    return l2_normalize(text_emb) @ l2_normalize(video_emb).T

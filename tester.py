@@ -20,13 +20,17 @@ import evaluation
 import model as models
 from basic import paths
 from basic.errors import DataError
-from trainer import EvalData, autocast_factory, bool_flag, embed_split
+from trainer import EvalData, autocast_factory, bool_flag
 from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
 from util import runs
 
 logger = logging.getLogger('mlcmr')
+
+# Above this many caption x video entries, --save_sims auto streams the metrics from the embeddings instead
+# of building the [captions, videos] matrices (50M float32 entries = 200 MB per matrix).
+SIMS_AUTO_LIMIT = 50_000_000
 
 
 def get_args_parser():
@@ -52,6 +56,9 @@ def get_args_parser():
     p.add_argument('--eval_batch_size', type=int, default=None,
                    help='default NRCCR 64, MLCMR 16 (parity: padded pooling depends on batch composition)')
     p.add_argument('--results_dir', default=None)
+    p.add_argument('--save_sims', default='auto', choices=['auto', '1', '0'],
+                   help='save the [captions, videos] similarity matrices (.npy); auto: when at most '
+                        f'{SIMS_AUTO_LIMIT:,} entries, else metrics are streamed from embeddings')
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=5)
     p.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'])
@@ -143,22 +150,38 @@ def _main(args):
 
     # ============ encode, fuse, score ============
     autocast = autocast_factory(args.amp, device)
-    sims = embed_split(model, data, batch_size, device, args.workers, autocast, distributed=False)
+    videos = evaluation.encode_videos(model, data.video_set, batch_size, device, args.workers, autocast)
+    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, args.workers, autocast)
+    entries = len(data.table) * len(data.videos)
+    full = args.save_sims == '1' or (args.save_sims == 'auto' and entries <= SIMS_AUTO_LIMIT)
+    if full:
+        sims = {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
+    else:
+        logger.info('%d x %d gallery: metrics streamed from embeddings, similarity matrices not saved',
+                    len(data.table), len(data.videos))
+        texts = {role: evaluation.l2_normalize(emb) for role, emb in texts.items()}
+        videos = evaluation.l2_normalize(videos)
     sweep = model.fusion_sweep(target_language=opts.target_language, train_mode=opts.train_mode,
                                label_situation=opts.label_situation)
     results, report = {}, []
     for label, w in sweep:
-        if model.fusion_normalize:
-            fused = evaluation.fuse(sims['primary'], sims['second'], w)
+        if not full:
+            t, v = evaluation.fusion_embeddings(texts['primary'], texts['second'], videos, w,
+                                                model.fusion_normalize, device)
+            metrics = evaluation.compute_metrics_from_embeddings(t, v, data.cap2vid, device=device)
         else:
-            fused = w * sims['primary'] + (1 - w) * sims['second']
-        metrics = evaluation.compute_metrics(fused, data.cap2vid)
+            if model.fusion_normalize:
+                fused = evaluation.fuse(sims['primary'], sims['second'], w)
+            else:
+                fused = w * sims['primary'] + (1 - w) * sims['second']
+            metrics = evaluation.compute_metrics(fused, data.cap2vid)
+            np.save(os.path.join(out_dir, f'sims_{label}.npy'), fused.numpy().astype(np.float32))
         results[label] = metrics
         report.append(evaluation.format_table(metrics, title=f'{opts.collection} {args.split} {label} '
                                               f'(weight {w:g} on {data.table.files["primary"]})'))
-        np.save(os.path.join(out_dir, f'sims_{label}.npy'), fused.numpy().astype(np.float32))
-    for role, s in sims.items():
-        np.save(os.path.join(out_dir, f'sims_{role}.npy'), s.numpy().astype(np.float32))
+    if full:
+        for role, s in sims.items():
+            np.save(os.path.join(out_dir, f'sims_{role}.npy'), s.numpy().astype(np.float32))
     with open(os.path.join(out_dir, 'caption_ids.txt'), 'w') as f:
         f.write('\n'.join(data.table.cap_ids) + '\n')
     with open(os.path.join(out_dir, 'video_ids.txt'), 'w') as f:

@@ -173,3 +173,26 @@ def test_corrupt_checkpoint(finished_run, tmp_path):
     with pytest.raises(SystemExit) as e:
         tester.main(['--checkpoint', str(bad), '--device', 'cpu', '--results_dir', str(tmp_path / 'r')])
     assert str(bad) in str(e.value) and '\n' not in str(e.value)
+
+
+def test_streamed_gallery_metrics_equal_full_matrix(finished_run, toy_root, tmp_path):
+    """--save_sims 0 (the path for galleries too large to hold) reports the same numbers."""
+    common = ['--rootpath', toy_root, '--logger_name', finished_run['run_dir'], '--device', 'cpu', '--workers', '0']
+    full = tester.main(common + ['--results_dir', str(tmp_path / 'full'), '--save_sims', '1'])['metrics']
+    streamed = tester.main(common + ['--results_dir', str(tmp_path / 'stream'), '--save_sims', '0'])['metrics']
+    assert not list((tmp_path / 'stream').glob('*.npy'))
+    for label in full:
+        for key in full[label]:
+            assert streamed[label][key] == pytest.approx(full[label][key], abs=1e-6), (label, key)
+
+
+@pytest.mark.parametrize('normalize', [True, False])
+def test_fusion_embeddings_rank_like_fused_matrix(normalize):
+    g = torch.Generator().manual_seed(0)
+    ta, tb, v = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (40, 40, 12))
+    cap2vid = torch.randint(0, 12, (40,), generator=g)
+    sa, sb = ta @ v.T, tb @ v.T
+    fused = evaluation.fuse(sa, sb, 0.3) if normalize else 0.3 * sa + 0.7 * sb
+    t, vv = evaluation.fusion_embeddings(ta, tb, v, 0.3, normalize)
+    assert evaluation.compute_metrics_from_embeddings(t, vv, cap2vid) == \
+        pytest.approx(evaluation.compute_metrics(fused, cap2vid), abs=1e-9)
