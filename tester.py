@@ -92,7 +92,7 @@ def results_dir_for(args, ckpt_path, target_language):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    args = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()]).parse_args(argv)
     try:
         return _main(args)
     except DataError as e:

@@ -186,11 +186,15 @@ def finalize_args(args):
     args.test_batch_size = args.eval_batch_size or MODEL_DEFAULTS['test_batch_size'][i]
     if args.layer_list is None:
         args.layer_list = list(models.MODELS[args.model].DEFAULTS['trainable_layers'])
+    dims = []
     for flag in ('text_mapping_layers', 'visual_mapping_layers'):
         try:
-            int(getattr(args, flag).split('-')[-1])
+            dims.append(int(getattr(args, flag).split('-')[-1]))
         except ValueError:
             raise SystemExit(f'--{flag} {getattr(args, flag)}: expected e.g. 0-1536') from None
+    if dims[0] != dims[1]:
+        raise SystemExit(f'--text_mapping_layers and --visual_mapping_layers must end in the same (joint space) '
+                         f'size, got {dims[0]} and {dims[1]}')
     return args
 
 
@@ -294,7 +298,7 @@ def train_one_epoch(state, model, ddp_model, loader, optimizers, scaler, autocas
 
 
 def main(argv=None):
-    args = finalize_args(get_args_parser().parse_args(argv))
+    args = finalize_args(argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()]).parse_args(argv))
     try:
         return _main(args)
     except DataError as e:
@@ -360,7 +364,7 @@ def _main(args):
             model, device_ids=[device.index] if device.type == 'cuda' else None)
         model.gather, model.grad_sync, model.world_size = dist.all_gather_with_grad, dist.all_reduce_mean_, world
     if args.compile:
-        ddp_model = torch.compile(ddp_model)
+        ddp_model = torch.compile(ddp_model, dynamic=True)    # padded lengths vary from batch to batch
     autocast = autocast_factory(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     seed_everything(args.seed + info.rank)
