@@ -14,7 +14,6 @@ import logging
 import os
 
 import numpy as np
-import torch
 
 import evaluation
 import model as models

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -178,9 +177,7 @@ def get_args_parser():
 def finalize_args(args):
     """Validate and derive model-dependent defaults in one place (derived values get their own names)."""
     i = 0 if args.model == 'nrccr' else 1
-    for key, values in MODEL_DEFAULTS.items():
-        if key == 'cv_name' and args.cv_name is None:
-            args.cv_name = values[i]
+    args.cv_name = args.cv_name or MODEL_DEFAULTS['cv_name'][i]
     args.batch_size = args.batch_size or MODEL_DEFAULTS['batch_size'][i]
     args.val_batch_size = args.eval_batch_size or MODEL_DEFAULTS['val_batch_size'][i]
     args.test_batch_size = args.eval_batch_size or MODEL_DEFAULTS['test_batch_size'][i]

@@ -10,7 +10,6 @@ import evaluation
 import tester
 import trainer
 from conftest import tiny_train_argv
-from util import checkpoint as ckpt
 
 
 def read_jsonl(path):

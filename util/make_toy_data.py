@@ -20,7 +20,6 @@ CRLF, `_zh` files have no final newline, some English captions have runs of spac
 list videos in another order than the English ones.
 """
 import argparse
-import json
 import os
 import re
 import shutil
