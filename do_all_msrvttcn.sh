@@ -1,24 +1,6 @@
 #!/usr/bin/env bash
-# Train NRCCR on MSR-VTT-CN with the paper's settings (SPEC §8.1), then test the best checkpoint.
+# Train NRCCR on MSR-VTT-CN with the paper's settings (SPEC §8.1), then test the best checkpoint:
+# the VATEX recipe with MSR-VTT-CN's collection, feature and discriminator.
 # usage: ./do_all_msrvttcn.sh ROOTPATH GPU_ID [extra trainer.py flags]    (GPU_ID: 0 | 0,1,2,3 | cpu)
-set -euo pipefail
-cd "$(dirname "$0")"
-ROOTPATH=${1:?usage: $0 ROOTPATH GPU_ID [trainer flags]}
-GPU_ID=${2:?usage: $0 ROOTPATH GPU_ID [trainer flags]}
-shift 2
-
-COLLECTION=msrvttcn
-FEATURE=resnext101-resnet152
-DISC_TYPE=not-so-weak
-MOMENTUM=0.0
-
-source util/launch.sh
-launch trainer.py --model nrccr --rootpath "$ROOTPATH" --collection "$COLLECTION" --visual_feature "$FEATURE" \
-  --data_type google_enc2zh --learning_rate 1e-4 --text_hidden_size 768 --video_hidden_size 1024 \
-  --text_num_attention 8 --visual_num_attention 8 --text_pooling mean --video_pooling mean \
-  --video_layer 1 --text_layer 1 --frozen frozen \
-  --layer_list layer.5 layer.6 layer.7 layer.8 layer.9 layer.10 layer.11 \
-  --glr 1e-3 --scale 0.001 --disc_type "$DISC_TYPE" --momentum "$MOMENTUM" --optim adam \
-  --tri_alpha 0.6 --dtl_beta 0.4 --l1_gama 0.1 --back_w 0.5 --model_type video \
-  --max_violation --text_norm --visual_norm --overwrite 0 "$@"
-echo "results: $ROOTPATH/$COLLECTION/results/ (run folders under $ROOTPATH/$COLLECTION/MM_2022/$COLLECTION/)"
+COLLECTION=msrvttcn FEATURE=resnext101-resnet152 DISC_TYPE=not-so-weak MOMENTUM=0.0 \
+  exec "$(dirname "$0")/do_all_vatex.sh" "$@"

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Train NRCCR on VATEX with the paper's settings (SPEC §8.1), then test the best checkpoint.
 # usage: ./do_all_vatex.sh ROOTPATH GPU_ID [extra trainer.py flags]    (GPU_ID: 0 | 0,1,2,3 | cpu)
+# do_all_msrvttcn.sh runs this recipe with the MSR-VTT-CN values of the four variables below.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOTPATH=${1:?usage: $0 ROOTPATH GPU_ID [trainer flags]}
 GPU_ID=${2:?usage: $0 ROOTPATH GPU_ID [trainer flags]}
 shift 2
 
-COLLECTION=vatex
-FEATURE=i3d_kinetics
-DISC_TYPE=strong
-MOMENTUM=0.8
+COLLECTION=${COLLECTION:-vatex}
+FEATURE=${FEATURE:-i3d_kinetics}
+DISC_TYPE=${DISC_TYPE:-strong}
+MOMENTUM=${MOMENTUM:-0.8}            # no effect (Adam), kept as in the original script
 
 source util/launch.sh
 launch trainer.py --model nrccr --rootpath "$ROOTPATH" --collection "$COLLECTION" --visual_feature "$FEATURE" \

@@ -1,15 +1,4 @@
 #!/usr/bin/env bash
 # Test an NRCCR checkpoint on MSR-VTT-CN: MODELDIR holds model_best.pth.tar (ours or an original release).
 # usage: ./do_test_msrvttcn.sh ROOTPATH MODELDIR GPU_ID [extra tester.py flags]    (GPU_ID: 0 | cpu)
-set -euo pipefail
-cd "$(dirname "$0")"
-ROOTPATH=${1:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
-MODELDIR=${2:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
-GPU_ID=${3:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
-shift 3
-
-COLLECTION=msrvttcn
-
-source util/launch.sh
-launch_single tester.py --rootpath "$ROOTPATH" --collection "$COLLECTION" --logger_name "$MODELDIR" \
-  --overwrite 1 "$@"
+COLLECTION=msrvttcn exec "$(dirname "$0")/do_test_vatex.sh" "$@"

@@ -8,8 +8,8 @@ MODELDIR=${2:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
 GPU_ID=${3:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
 shift 3
 
-COLLECTION=vatex
+COLLECTION=${COLLECTION-vatex}       # empty: the collection stored in the checkpoint
 
 source util/launch.sh
-launch_single tester.py --rootpath "$ROOTPATH" --collection "$COLLECTION" --logger_name "$MODELDIR" \
-  --overwrite 1 "$@"
+launch_single tester.py --rootpath "$ROOTPATH" ${COLLECTION:+--collection "$COLLECTION"} \
+  --logger_name "$MODELDIR" --overwrite 1 "$@"

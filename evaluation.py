@@ -304,19 +304,26 @@ def _shard_batches(n, batch_size, rank, world):
 
 
 @torch.inference_mode()
-def _encode(embed, dataset, batch_size, device, workers, autocast, dist, desc):
+def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, desc):
+    """Run `embed(batch)` over consecutive batches in eval mode; outputs on CPU in dataset order."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
     from util.data_provider import collate, move_to
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
     loader = DataLoader(dataset, batch_sampler=_shard_batches(len(dataset), batch_size, rank, world),
                         collate_fn=collate, num_workers=workers, pin_memory=device.type == 'cuda')
+    was_training = model.training
+    model.eval()
     index, parts = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if rank == 0 else True, dynamic_ncols=True):
-        with autocast():
-            out = embed(move_to(batch, device))
-        index.append(batch['index'])
-        parts.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
+    try:
+        for batch in tqdm(loader, desc=desc, leave=False, disable=None if rank == 0 else True, dynamic_ncols=True):
+            with autocast():
+                out = embed(move_to(batch, device))
+            index.append(batch['index'])
+            parts.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict)
+                         else out.float().cpu())
+    finally:
+        model.train(was_training)
     if world > 1:
         gathered = dist.all_gather_object((index, parts))
         index = [i for idx, _ in gathered for i in idx]
@@ -328,25 +335,15 @@ def _encode(embed, dataset, batch_size, device, workers, autocast, dist, desc):
 
 
 def encode_videos(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
-    """Unit-norm video embeddings (N_v, D) on CPU, in dataset order (SPEC §7.1), in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _encode(lambda b: model.embed_videos(b['video']), dataset, batch_size, device, workers,
-                       autocast, dist, 'encode videos')
-    finally:
-        model.train(was_training)
+    """Unit-norm video embeddings (N_v, D) on CPU, in dataset order (SPEC §7.1)."""
+    return _encode(model, lambda b: model.embed_videos(b['video']), dataset, batch_size, device, workers,
+                   autocast, dist, 'encode videos')
 
 
 def encode_texts(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
-    """{role: (N_c, D)} unit-norm caption embeddings on CPU, in file order, in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _encode(lambda b: model.embed_texts(b['text']), dataset, batch_size, device, workers,
-                       autocast, dist, 'encode captions')
-    finally:
-        model.train(was_training)
+    """{role: (N_c, D)} unit-norm caption embeddings on CPU, in file order."""
+    return _encode(model, lambda b: model.embed_texts(b['text']), dataset, batch_size, device, workers,
+                   autocast, dist, 'encode captions')
 
 
 def l2_normalize(x):

@@ -91,12 +91,9 @@ def results_dir_for(args, ckpt_path, target_language):
 
 
 def main(argv=None):
-    args = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()]).parse_args(argv)
-    try:
-        return _main(args)
-    except DataError as e:
-        logger.error('%s', e)
-        raise SystemExit(f'error: {e}') from None
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    return runs.run_cli(_main, args)
 
 
 def _main(args):

@@ -24,7 +24,6 @@ import torch
 import evaluation
 import model as models
 from basic import paths
-from basic.errors import DataError
 from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
@@ -295,12 +294,9 @@ def train_one_epoch(state, model, ddp_model, loader, optimizers, scaler, autocas
 
 
 def main(argv=None):
-    args = finalize_args(argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()]).parse_args(argv))
-    try:
-        return _main(args)
-    except DataError as e:
-        logger.error('%s', e)
-        raise SystemExit(f'error: {e}') from None
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()])
+    args = finalize_args(parser.parse_args(argv))
+    return runs.run_cli(_main, args)
 
 
 def _main(args):

@@ -30,3 +30,20 @@ def tiny_train_argv(root, run_tag, *extra):
             '--visual_num_attention', '4', '--text_mapping_layers', '0-48', '--visual_mapping_layers', '0-48',
             '--visual_rnn_size', '16', '--visual_kernel_num', '8', '--batch_size', '16', '--eval_batch_size', '8',
             '--workers', '0', '--device', 'cpu', '--max_violation', '--postfix', run_tag, *extra]
+
+
+def val_score_of_checkpoint(path, argv):
+    """Validation score of a saved checkpoint, evaluated in this one process with the run's settings."""
+    import torch
+    import tester
+    import trainer
+    from basic import paths
+    from util import data_provider as dp
+    model, _ = tester.load_model(path)
+    args = trainer.finalize_args(trainer.get_args_parser().parse_args(argv))
+    tok = dp.build_tokenizer(args.bert_name, True)
+    store = dp.FrameStore(paths.feature_dir(args.rootpath, args.collection, args.visual_feature))
+    val = trainer.EvalData(args, 'val', tok, store, purpose='val')
+    sims = trainer.embed_split(model, val, args.val_batch_size, torch.device('cpu'), 0,
+                               trainer.autocast_factory('off', None), False)
+    return model.validation_score(sims, val.cap2vid)[0]

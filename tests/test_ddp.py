@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import tiny_train_argv
+from conftest import tiny_train_argv, val_score_of_checkpoint
 
 
 def free_port():
@@ -75,19 +75,7 @@ def test_two_process_epoch(toy_root, tmp_path, model_name):
     assert any(w.endswith('checkpoint_last.pth.tar') for w in r0['writes'])
 
     # validation on gathered embeddings == the same checkpoint evaluated in one process
-    import tester
-    import trainer
-    from basic import paths
-    from util import data_provider as dp
-    run_dir = r0['run_dir']
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    with open(os.path.join(r0['run_dir'], 'metrics.jsonl')) as f:
         record = json.loads(f.readline())
-    model, _ = tester.load_model(os.path.join(run_dir, 'checkpoint_last.pth.tar'))
-    args = trainer.finalize_args(trainer.get_args_parser().parse_args(argv))
-    tok = dp.build_tokenizer(args.bert_name, True)
-    store = dp.FrameStore(paths.feature_dir(toy_root, 'toy', 'toy_feature'))
-    val = trainer.EvalData(args, 'val', tok, store, purpose='val')
-    sims = trainer.embed_split(model, val, args.val_batch_size, torch.device('cpu'), 0,
-                               trainer.autocast_factory('off', None), False)
-    score, _ = model.validation_score(sims, val.cap2vid)
+    score = val_score_of_checkpoint(os.path.join(r0['run_dir'], 'checkpoint_last.pth.tar'), argv)
     assert score == pytest.approx(record['score'], abs=1e-9)

@@ -9,7 +9,7 @@ import torch
 import evaluation
 import tester
 import trainer
-from conftest import tiny_train_argv
+from conftest import tiny_train_argv, val_score_of_checkpoint
 
 
 def read_jsonl(path):
@@ -52,16 +52,7 @@ def test_reloaded_best_checkpoint_reproduces_its_validation_score(finished_run, 
     d = finished_run['run_dir']
     records = read_jsonl(os.path.join(d, 'metrics.jsonl'))
     best = max(records, key=lambda r: r['score'])
-    model, train_args = tester.load_model(os.path.join(d, 'model_best.pth.tar'))
-    args = trainer.finalize_args(trainer.get_args_parser().parse_args(tiny_train_argv(toy_root, 'A')))
-    from util import data_provider as dp
-    from basic import paths
-    tok = dp.build_tokenizer(args.bert_name, True)
-    store = dp.FrameStore(paths.feature_dir(toy_root, 'toy', 'toy_feature'))
-    val = trainer.EvalData(args, 'val', tok, store, purpose='val')
-    sims = trainer.embed_split(model, val, args.val_batch_size, torch.device('cpu'), 0,
-                               trainer.autocast_factory('off', None), False)
-    score, _ = model.validation_score(sims, val.cap2vid)
+    score = val_score_of_checkpoint(os.path.join(d, 'model_best.pth.tar'), tiny_train_argv(toy_root, 'A'))
     assert score == pytest.approx(best['score'], abs=1e-9)
 
 

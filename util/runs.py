@@ -16,6 +16,16 @@ NON_CONFIG_ARGS = {'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_
                    'eval_workers', 'compile', 'postfix', 'cv_name', 'bert_name', 'strict'}
 
 
+def run_cli(main_fn, args):
+    """Run a CLI body; bad input (DataError) ends it with its one-line message instead of a traceback."""
+    from basic.errors import DataError
+    try:
+        return main_fn(args)
+    except DataError as e:
+        logger.error('%s', e)
+        raise SystemExit(f'error: {e}') from None
+
+
 def config_hash(args):
     """Short hash of every argument that changes the result (NON_CONFIG_ARGS excluded)."""
     cfg = {k: v for k, v in sorted(vars(args).items()) if k not in NON_CONFIG_ARGS}
