@@ -79,3 +79,51 @@ def test_two_process_epoch(toy_root, tmp_path, model_name):
         record = json.loads(f.readline())
     score = val_score_of_checkpoint(os.path.join(r0['run_dir'], 'checkpoint_last.pth.tar'), argv)
     assert score == pytest.approx(record['score'], abs=1e-9)
+
+
+def slice_batch(batch, rows):
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, rows) for k, v in batch.items()}
+    if batch.dim() == 2 and batch.dtype == torch.bool:             # same_video (B, B)
+        return batch[rows][:, rows]
+    return batch[rows]
+
+
+def gradient_worker(rank, world, port, root, out_path):
+    """Each rank sees half of one batch; embeddings are gathered with gradient and the loss of the global
+    batch is scaled by the world size (model.RetrievalModel): DDP's averaged gradient must equal the
+    single-process gradient of the whole batch."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    import torch.distributed as tdist
+    import model as models
+    from test_model import mlcmr_batch, small_cfg
+    from util import distributed as dist
+    tdist.init_process_group('gloo', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(root, 'mlcmr')).eval()     # eval: BatchNorm/dropout batch-independent
+    torch.manual_seed(1)
+    batch = mlcmr_batch(8)
+    half = torch.arange(rank * 4, rank * 4 + 4)
+    model.gather, model.world_size = dist.all_gather_with_grad, world
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    loss, logs = model.training_loss(ddp(slice_batch(batch, half)))
+    loss.backward()
+    if rank == 0:
+        torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': logs['loss']}, out_path)
+    tdist.destroy_process_group()
+
+
+def test_global_batch_gradient_equals_single_process(toy_root, tmp_path):
+    import model as models
+    from test_model import mlcmr_batch, small_cfg
+    out = tmp_path / 'ddp_grads.pt'
+    mp.spawn(gradient_worker, args=(2, free_port(), toy_root, str(out)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr')).eval()
+    torch.manual_seed(1)
+    loss, logs = model.training_loss(model(mlcmr_batch(8)))
+    loss.backward()
+    ddp = torch.load(out, weights_only=True)
+    assert ddp['loss'] == pytest.approx(logs['loss'], rel=1e-5)
+    for p, g in zip(model.main_parameters(), ddp['grads']):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
