@@ -38,6 +38,17 @@ def test_tokenizer_casing_parity(toy_root, tok):
     assert ids[0] == 101 and ids[-1] == 102
 
 
+def test_lower_case_overrides_a_cased_tokenizer_json(toy_root, tmp_path):
+    """mBERT ships a tokenizer.json whose normalizer says lowercase=false; the parity setting must win."""
+    from transformers import BertTokenizerFast
+    BertTokenizerFast.from_pretrained(os.path.join(toy_root, 'tiny_bert'), do_lower_case=False).save_pretrained(
+        tmp_path / 'cased')
+    assert (tmp_path / 'cased' / 'tokenizer.json').exists()
+    tok = dp.build_tokenizer(str(tmp_path / 'cased'), True)
+    assert tok('A Mán.')['input_ids'] == tok('a man.')['input_ids']
+    assert dp.build_tokenizer(str(tmp_path / 'cased'), False)('A Mán.')['input_ids'] != tok('a man.')['input_ids']
+
+
 def test_mask_tokens_counts_and_positions():
     rng = np.random.default_rng(0)
     for n in range(2, 60):
