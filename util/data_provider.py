@@ -194,7 +194,7 @@ class TrainDataset(Dataset):
 
     def __init__(self, table, store, augment=False, mask_id=103, max_frames=VIDEO_MAX_LEN,
                  frame_sampling='first', seed=0):
-        store.check_videos(table.video_ids, next(iter(table.files.values())))
+        store.check_videos(table.video_ids, next(iter(table.files.values()), 'caption table'))
         self.table, self.store, self.augment, self.mask_id = table, store, augment, mask_id
         self.max_frames, self.frame_sampling, self.seed, self.epoch = max_frames, frame_sampling, seed, 0
         videos = table.videos
