@@ -1,14 +1,26 @@
-"""Benchmarks: data loading, training throughput, evaluation time. Prints numbers and writes JSON.
+"""Benchmark of the data path, the training step and the evaluation. Prints numbers and writes JSON; asserts nothing.
 
-    python util/benchmark.py                       # CPU (or the GPU when there is one), ~5 min on 2 cores
-    python util/benchmark.py --device cuda --amp bf16
-    python util/benchmark.py --quick --out /tmp/b.json   # tiny sizes (the smoke test)
+    python util/benchmark.py                                # CPU, plus CUDA when present (~5 min on 2 CPU cores)
+    python util/benchmark.py --device cuda --out bench_gpu.json
+    python util/benchmark.py --only data,eval --threads 1
+    python util/benchmark.py --quick                        # tiny sizes, seconds (the smoke test)
 
-Everything runs on synthetic VATEX-like data written to a temporary folder (frame features of 1024 dims,
-40-80 frames per video, three caption streams) and BERTs with random weights, so nothing is downloaded.
-Timings are medians over repeated runs after a warm-up. Nothing here asserts a speed.
+Everything is synthetic and offline, built in a temporary folder: a VATEX-like BigFile (1024-d i3d frames,
+40-80 per video, SPEC §1.2), caption tables of random token ids (10-30 word pieces between [CLS] and [SEP])
+and BERTs with random weights built from a config dict. Sections:
+
+  data   BigFile.read of 64 random frame ids (rows/s); TrainDataset + collate of one batch of 128 on one thread
+         (median ms; target < 50 ms); DataLoader samples/s with 0 and 2 workers. The features were just written,
+         so the page cache is warm: these are memory speeds, not disk speeds.
+  train  samples/s of the trainer's step (to device -> forward -> training_loss -> backward -> clip -> step),
+         median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder.
+         CPU: batch 16; CUDA: the papers' batches (NRCCR 128, MLCMR 64) in fp32 (TF32) and bf16, peak memory.
+  eval   util.bench_metrics.run against gallery size; 15,000 x 1,500 also on one thread (target < 2 s). A size
+         predicted (from the previous one, work ~ captions x videos) to exceed --eval_budget is skipped and noted.
 """
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import platform
@@ -21,182 +33,413 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import model as models                                          # noqa: E402
-from basic.bigfile import write_bigfile                        # noqa: E402
-from trainer import autocast_factory                           # noqa: E402
-from util import bench_metrics                                 # noqa: E402
-from util import data_provider as dp                           # noqa: E402
-from util.distributed import resolve_device                    # noqa: E402
+import model as models                                       # noqa: E402
+import trainer                                               # noqa: E402
+from basic.bigfile import BigFileWriter                      # noqa: E402
+from util import bench_metrics                               # noqa: E402
+from util import data_provider as dp                         # noqa: E402
+from util.make_toy_data import build_vocab                   # noqa: E402
+from util.runs import git_state                              # noqa: E402
 
-BERT_SIZES = {   # name: (hidden, layers, heads, vocab)
-    'toy': (64, 12, 4, 500),
-    'small': (256, 4, 4, 30000),
-    'bert-base': (768, 12, 12, 119547),
+SECTIONS = ('data', 'train', 'eval')
+CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
+MBERT_VOCAB = 119547
+NRCCR_ROLES, MLCMR_ROLES = ('src', 'tr', 'bt'), ('en', 'zh')
+
+# Text encoders (BertConfig fields). 'toy' is the tiny BERT of util/make_toy_data.py.
+ENCODERS = {
+    'toy': dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=256,
+                vocab_size=len(build_vocab())),
+    'small': dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                  vocab_size=MBERT_VOCAB),
+    'bert-base': dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                      vocab_size=MBERT_VOCAB),
 }
 
+# Sizes of a full run and of --quick. Steps: (warm-up, timed) training steps per configuration. The full run
+# keeps the papers' model sizes (SPEC §8); --quick shrinks everything but the BERT, as tests/conftest.py does.
+FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
+            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), model_overrides={},
+            cpu_train_batch=16,
+            cpu_steps=(1, 3), cuda_steps=(3, 10),
+            cpu_eval=((15_000, 1_500), (100_000, 10_000)), cuda_eval=bench_metrics.CUDA_SIZES,
+            one_thread_eval=(15_000, 1_500))
+QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, gather_reads=20,
+             assembly_batches=3, loader_batches=3, encoders=('toy',),
+             model_overrides={'nrccr': dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
+                                            visual_num_attention=4, mapping_dim=48),
+                              'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48)},
+             cpu_train_batch=4,
+             cpu_steps=(1, 1), cuda_steps=(1, 2),
+             cpu_eval=((300, 30), (1200, 120)), cuda_eval=((300, 30), (1200, 120)), one_thread_eval=(300, 30))
 
-def median_time(fn, repeats, device=None, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device is not None and device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device is not None and device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+GATHER_ROWS = 64          # frame ids per BigFile.read: one padded video of the training collate
+ASSEMBLY_TARGET_MS = 50.0
+EVAL_TARGET_S = 2.0
 
 
-def synthetic_collection(folder, n_videos, dim, seed=0, roles=('src', 'tr', 'bt'), vocab=500, caps_per_video=2):
-    """A BigFile of n_videos x 40-80 frames and a caption table with random token ids for `roles`."""
+# ============ helpers ============
+
+@contextlib.contextmanager
+def num_threads(n):
+    """torch intra-op threads set to `n` inside the block (the one-core targets), restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timings(fn, runs, warmup=0, device=torch.device('cpu')):
+    """Seconds of each of `runs` calls of fn(i) after `warmup` untimed calls (CUDA synchronised around each)."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    out = []
+    for i in range(warmup, warmup + runs):
+        start = time.perf_counter()
+        fn(i)
+        _sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def machine_info(devices):
+    info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                platform=platform.platform(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
+                threads=torch.get_num_threads(), devices=[str(d) for d in devices], **git_state())
+    try:
+        import transformers
+        info['transformers'] = transformers.__version__
+    except ImportError:
+        pass
+    cuda = [d for d in devices if d.type == 'cuda']
+    if cuda:
+        info.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(cuda[0]),
+                    gpu_memory_gib=torch.cuda.get_device_properties(cuda[0]).total_memory / 2 ** 30)
+    return info
+
+
+def _cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ============ synthetic VATEX-like collection ============
+
+def write_features(feature_dir, num_videos, frames, dim, seed=0, chunk_videos=100):
+    """BigFile of `num_videos` videos with U{frames[0]..frames[1]} frames of `dim` random float32 each; frame ids
+    `<video>_<n>` so FrameStore derives video2frames (SPEC §1.3). Written in chunks to bound memory."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(40, 81, size=n_videos)
-    videos = [f'vid{i:05d}_000000_000010' for i in range(n_videos)]
-    names = [f'{v}_{k}' for v, n in zip(videos, lengths) for k in range(n)]
-    write_bigfile(folder, names, rng.standard_normal((len(names), dim), dtype=np.float32))
-    video_ids = [v for v in videos for _ in range(caps_per_video)]
-    tokens = {role: [np.concatenate([[101], rng.integers(104, vocab, size=rng.integers(10, 31)), [102]])
-                     .astype(np.int32) for _ in video_ids] for role in roles}
-    table = dp.CaptionTable([f'{v}#enc#{i % caps_per_video}' for i, v in enumerate(video_ids)], video_ids, tokens)
-    return dp.FrameStore(folder), table
+    lengths = rng.integers(frames[0], frames[1] + 1, size=num_videos)
+    videos = [f'v{i:06d}xx_{10 * i:06d}_{10 * i + 10:06d}' for i in range(num_videos)]   # VATEX-like ids
+    with BigFileWriter(feature_dir, dim) as writer:
+        for start in range(0, num_videos, chunk_videos):
+            part = range(start, min(start + chunk_videos, num_videos))
+            names = [f'{videos[i]}_{n}' for i in part for n in range(lengths[i])]
+            writer.add_rows(names, rng.standard_normal((len(names), dim), dtype=np.float32))
+    return videos
+
+
+def caption_table(videos, captions_per_video, roles, vocab_size, seed=0):
+    """CaptionTable with `captions_per_video` rows per video; every role gets its own random token ids,
+    [CLS] + 10..30 word pieces in [FIRST_WORD, vocab_size) + [SEP] (int32, as tokenize returns)."""
+    rng = np.random.default_rng(seed)
+    video_ids = [v for v in videos for _ in range(captions_per_video)]
+    cap_ids = [f'{v}#enc#{k}' for v in videos for k in range(captions_per_video)]
+    tokens = {}
+    for role in roles:
+        lengths = rng.integers(10, 31, size=len(video_ids))
+        words = rng.integers(FIRST_WORD, vocab_size, size=int(lengths.sum()), dtype=np.int32)
+        tokens[role] = [np.concatenate(([CLS], w, [SEP])).astype(np.int32)
+                        for w in np.split(words, np.cumsum(lengths)[:-1])]
+    return dp.CaptionTable(cap_ids=cap_ids, video_ids=video_ids, tokens=tokens)
+
+
+class Synthetic:
+    """The feature store and one training dataset per model (NRCCR: src/tr/bt; MLCMR: en/zh + augmentation)."""
+
+    def __init__(self, folder, sizes):
+        feature_dir = os.path.join(folder, 'FeatureData', 'i3d_synthetic')
+        self.videos = write_features(feature_dir, sizes['videos'], sizes['frames'], sizes['dim'])
+        self.store = dp.FrameStore(feature_dir)
+        # word pieces below the smallest vocabulary, so every encoder can embed every table
+        vocab = min(e['vocab_size'] for e in ENCODERS.values())
+        self.datasets = {
+            'nrccr': dp.TrainDataset(caption_table(self.videos, sizes['captions_per_video'], NRCCR_ROLES, vocab, 1),
+                                     self.store, augment=False),
+            'mlcmr': dp.TrainDataset(caption_table(self.videos, sizes['captions_per_video'], MLCMR_ROLES, vocab, 2),
+                                     self.store, augment=True, mask_id=MASK)}
+
+    def batch(self, name, batch_size, seed):
+        dataset = self.datasets[name]
+        index = np.random.default_rng(seed).choice(len(dataset), size=batch_size, replace=False)
+        return dp.collate([dataset[int(i)] for i in index])
 
 
 # ============ data ============
 
-def bench_data(tmp, n_videos, batch_size, repeats):
-    store, table = synthetic_collection(os.path.join(tmp, 'feat'), n_videos, 1024)
-    rng = np.random.default_rng(1)
-    results = {}
-    frame_lists = [store.video2frames[v] for v in rng.choice(table.videos, size=repeats * 8)]
-    rows = sum(len(f) for f in frame_lists)
-    t0 = time.perf_counter()
-    for frames in frame_lists:
-        store.bigfile.read(frames)
-    results['bigfile_rows_per_s'] = rows / (time.perf_counter() - t0)
+def bench_data(data, sizes):
+    """Rows for the BigFile gather, the one-thread batch assembly of each model and the DataLoader."""
+    rows = []
+    big = data.store.bigfile
+    rng = np.random.default_rng(0)
+    reads = [[big.names[i] for i in rng.integers(0, len(big), size=GATHER_ROWS)] for _ in range(sizes['gather_reads'])]
+    seconds = sum(timings(lambda i: big.read(reads[i]), len(reads)))
+    n = GATHER_ROWS * len(reads)
+    rows.append(dict(what='bigfile_gather', rows_per_read=GATHER_ROWS, reads=len(reads), store_rows=len(big),
+                     dim=big.ndims, rows_per_s=n / seconds, mib_per_s=n * big.ndims * 4 / 2 ** 20 / seconds))
+    print(f'  BigFile.read of {GATHER_ROWS} random rows x {big.ndims} dims (store {len(big):,} rows): '
+          f'{rows[-1]["rows_per_s"]:,.0f} rows/s ({rows[-1]["mib_per_s"]:,.0f} MiB/s)', flush=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    dataset = dp.TrainDataset(table, store)
-    batches = [rng.choice(len(dataset), size=batch_size, replace=False) for _ in range(repeats)]
-    it = iter(batches)
-    results['batch_assembly_ms'] = 1000 * median_time(lambda: dp.collate([dataset[i] for i in next(it)]),
-                                                     repeats - 1)
-    torch.set_num_threads(threads)
-    for workers in (0, 2):
-        loader = dp.make_loader(dataset, batch_size, shuffle=True, workers=workers)
-        t0, n = time.perf_counter(), 0
-        for k, batch in enumerate(loader):
-            n += batch['index'].shape[0]
-            if k + 1 >= repeats:
-                break
-        results[f'loader_samples_per_s_workers{workers}'] = n / (time.perf_counter() - t0)
-    for key, value in results.items():
-        print(f'  data  {key:36s} {value:12.1f}')
-    return results
+    batch = sizes['batch']
+    for name in ('nrccr', 'mlcmr'):
+        with num_threads(1):
+            times = timings(lambda i: data.batch(name, batch, seed=i), sizes['assembly_batches'], warmup=1)
+        ms = 1000 * float(np.median(times))
+        rows.append(dict(what='batch_assembly', model=name, batch=batch, threads=1, batches=len(times),
+                         median_ms=ms, max_ms=1000 * max(times), samples_per_s=1000 * batch / ms,
+                         target_ms=ASSEMBLY_TARGET_MS))
+        print(f'  TrainDataset + collate, {name} batch {batch}, 1 thread: median {ms:.1f} ms '
+              f'(max {1000 * max(times):.1f}; target < {ASSEMBLY_TARGET_MS:.0f} ms)', flush=True)
+
+    for name in ('nrccr', 'mlcmr'):
+        for workers in (0, 2):
+            rows.append(_loader_row(data.datasets[name], name, batch, workers, sizes['loader_batches']))
+            r = rows[-1]
+            print(f'  DataLoader {name} batch {batch}, {workers} workers: {r["samples_per_s"]:,.0f} samples/s '
+                  f'(first batch after {r["first_batch_s"]:.2f} s)', flush=True)
+    return rows
+
+
+def _loader_row(dataset, name, batch, workers, num_batches):
+    """Steady-state samples/s over `num_batches` batches after the first (worker start-up reported apart)."""
+    loader = dp.make_loader(dataset, batch, shuffle=True, workers=workers, seed=0)
+    start = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - start
+    start, samples = time.perf_counter(), 0
+    for _ in range(num_batches):
+        samples += next(it)['index'].shape[0]
+    seconds = time.perf_counter() - start
+    del it          # shuts the workers down
+    return dict(what='loader', model=name, batch=batch, workers=workers, batches=num_batches,
+                samples_per_s=samples / seconds, first_batch_s=first)
 
 
 # ============ training ============
 
-def bert_config(size):
+def trainable_layers(model_name, num_layers):
+    """The reference fine-tuning policy scaled to `num_layers`: NRCCR trains the top 7 of 12 BERT layers
+    (layer.5..11), MLCMR the top 6 (layer.6..11); at 12 layers this is exactly the model default."""
+    top = round(len(models.MODELS[model_name].DEFAULTS['trainable_layers']) * num_layers / 12)
+    return [f'layer.{i}' for i in range(num_layers - top, num_layers)]
+
+
+def build(model_name, encoder, dim, **overrides):
+    """The model with random weights; the BERT comes from its config dict (no folder, no download)."""
     from transformers import BertConfig
-    hidden, layers, heads, vocab = BERT_SIZES[size]
-    return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      intermediate_size=4 * hidden, max_position_embeddings=512).to_dict()
+    models.quiet_transformers()
+    bert = BertConfig(max_position_embeddings=512, **ENCODERS[encoder]).to_dict()
+    cfg = models.model_config(model_name, bert_config=bert, visual_feat_dim=dim,
+                              trainable_layers=trainable_layers(model_name, ENCODERS[encoder]['num_hidden_layers']),
+                              **overrides)
+    return models.build_model(cfg)
 
 
-def bench_train(tmp, device, amp, sizes, batch_sizes, steps):
-    results = []
-    autocast = autocast_factory(amp, device)
+def bench_train(data, sizes, device, amp, notes):
+    """One row per (model, encoder): median seconds of the trainer's step and samples/s. On CUDA a configuration
+    that fails (e.g. out of memory) becomes a note and the others still run."""
+    warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
+    rows = []
     for name in ('nrccr', 'mlcmr'):
-        roles = ('src', 'tr', 'bt') if name == 'nrccr' else ('en', 'zh')
-        batch_size = batch_sizes[name]
-        store, table = synthetic_collection(os.path.join(tmp, f'train_{name}'), max(batch_size, 64), 1024,
-                                            roles=roles, vocab=500)
-        dataset = dp.TrainDataset(table, store, augment=name == 'mlcmr')
-        batch = dp.move_to(dp.collate([dataset[i] for i in range(batch_size)]), device)
-        for size in sizes:
-            torch.manual_seed(0)
-            cfg = models.model_config(name, bert_config=bert_config(size), visual_feat_dim=1024,
-                                      **({'text_hidden_size': 768} if name == 'nrccr' else {}))
-            model = models.build_model(cfg).to(device).train()
-            opts = model.configure_optimizers(1e-4)
-            scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+        batch_size = (trainer.MODEL_DEFAULTS['batch_size'][name == 'mlcmr'] if device.type == 'cuda'
+                      else sizes['cpu_train_batch'])
+        # a few distinct batches (padded lengths differ), cycled over the steps
+        batches = [data.batch(name, batch_size, seed=100 + i) for i in range(min(warmup + steps, 4))]
+        for encoder in sizes['encoders']:
+            try:
+                row = _train_row(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), batches,
+                                 device, amp, warmup, steps)
+            except RuntimeError as e:     # out of memory, or an op without a kernel for this dtype: say so
+                if device.type != 'cuda':
+                    raise
+                note = f'train {name} {encoder} {device} {amp} batch {batch_size}: failed ({str(e).splitlines()[0]})'
+                print(f'  {note}', flush=True)
+                notes.append(note)
+                torch.cuda.empty_cache()
+                continue
+            rows.append(row)
+            extra = f', peak {row["peak_gpu_gib"]:.1f} GiB' if 'peak_gpu_gib' in row else ''
+            print(f'  train {name:5} {encoder:9} {str(device):6} {amp:4} batch {batch_size:3}: '
+                  f'{row["samples_per_s"]:8.1f} samples/s ({1000 * row["median_step_s"]:.0f} ms/step; '
+                  f'{row["params_m"]:.1f}M params, {row["trainable_m"]:.1f}M trained{extra})', flush=True)
+            if device.type == 'cuda':       # the model of this row is gone: hand its memory back
+                torch.cuda.empty_cache()
+    return rows
 
-            def step():
-                with autocast():
-                    loss, _ = model.training_loss(model(batch))
-                opts['main'].zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opts['main'])
-                torch.nn.utils.clip_grad_norm_(model.main_parameters(), 2.0)
-                scaler.step(opts['main'])
-                scaler.update()
 
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = median_time(step, steps, device)
-            row = dict(model=name, bert=size, batch_size=batch_size, amp=amp, device=str(device),
-                       step_seconds=seconds, samples_per_s=batch_size / seconds)
-            if device.type == 'cuda':
-                row['peak_gpu_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            print(f'  train {name:5s} {size:9s} batch {batch_size:3d} amp {amp:4s}: {row["samples_per_s"]:8.1f} '
-                  f'samples/s ({seconds * 1000:.0f} ms/step)')
-            results.append(row)
-            del model, opts
-    return results
+def _train_row(name, encoder, dim, overrides, batches, device, amp, warmup, steps):
+    """Build one model and time `steps` training steps after `warmup`, as trainer.train_one_epoch does them:
+    to device -> forward -> training_loss (NRCCR: with its discriminator step) -> backward -> clip -> step."""
+    defaults = trainer.get_args_parser()
+    lr, glr, clip = (defaults.get_default(k) for k in ('learning_rate', 'glr', 'grad_clip'))
+    torch.manual_seed(0)
+    model = build(name, encoder, dim, **overrides).to(device).train()
+    optimizer = model.configure_optimizers(lr, glr)['main']
+    main_params = model.main_parameters()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+    autocast = trainer.autocast_factory(amp, device)
+
+    def step(i):
+        batch = dp.move_to(batches[i % len(batches)], device)
+        with autocast():
+            loss, _ = model.training_loss(model(batch))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(main_params, clip)
+        scaler.step(optimizer)
+        scaler.update()
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = float(np.median(timings(step, steps, warmup, device)))
+    batch_size = batches[0]['index'].shape[0]
+    row = dict(model=name, encoder=encoder, device=str(device), amp=amp, batch=batch_size, warmup=warmup,
+               steps=steps, median_step_s=seconds, samples_per_s=batch_size / seconds,
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+               trainable_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    if device.type == 'cuda':
+        row['peak_gpu_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return row
 
 
 # ============ evaluation ============
 
-def bench_eval(device, quick):
-    if quick:
-        sizes = [(200, 20)]
-    elif device.type == 'cuda':
-        sizes = [(15_000, 1_500), (100_000, 10_000), (1_000_000, 100_000)]
-    else:
-        sizes = [(15_000, 1_500), (50_000, 5_000)]
-    rows = bench_metrics.run(device, sizes)
-    for r in rows:
-        print(f'  eval  {r["mode"]:10s} {r["captions"]:>9,} x {r["videos"]:>7,}: {r["seconds"]:8.2f} s')
+def bench_eval(sizes, device, budget_s, notes):
+    """util.bench_metrics rows, smallest gallery first; a size predicted over `budget_s` is skipped."""
+    rows = []
+    if device.type == 'cpu':
+        with num_threads(1):
+            for r in bench_metrics.run(device, [sizes['one_thread_eval']]):
+                rows.append(dict(r, target_s=EVAL_TARGET_S))
+                _print_eval(rows[-1])
+    last = None
+    for num_captions, num_videos in (sizes['cuda_eval'] if device.type == 'cuda' else sizes['cpu_eval']):
+        if last is not None:
+            predicted = last['seconds'] * num_captions * num_videos / (last['captions'] * last['videos'])
+            if predicted > budget_s:
+                note = (f'eval {device}: skipped {num_captions:,} x {num_videos:,} (predicted {predicted:.0f} s '
+                        f'from {last["captions"]:,} x {last["videos"]:,} > --eval_budget {budget_s:.0f} s)')
+                print(f'  {note}', flush=True)
+                notes.append(note)
+                break
+        new = bench_metrics.run(device, [(num_captions, num_videos)])
+        for r in new:
+            _print_eval(r)
+        rows += new
+        last = new[-1]           # the embeddings row: timed at every size
     return rows
 
 
+def _print_eval(r):
+    extra = f', peak {r["peak_gpu_gib"]:.1f} GiB' if 'peak_gpu_gib' in r else ''
+    target = f' (target < {r["target_s"]:.0f} s)' if 'target_s' in r else ''
+    print(f'  metrics {r["device"]:6} {r["threads"]:2} threads {r["mode"]:10} {r["captions"]:>9,} x {r["videos"]:<8,}'
+          f' {r["seconds"]:8.3f} s{target}{extra}', flush=True)
+
+
+# ============ main ============
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--device', default='auto', help='auto (CPU, plus CUDA when present), cpu, cuda or cuda:N')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    p.add_argument('--quick', action='store_true', help='tiny sizes, seconds (the smoke test)')
+    p.add_argument('--out', default='benchmark_results.json', help='JSON file (default benchmark_results.json)')
+    p.add_argument('--only', default=','.join(SECTIONS), help='comma-separated sections (default data,train,eval)')
+    p.add_argument('--eval_budget', type=float, default=180.0,
+                   help='skip a metrics size predicted to take longer than this many seconds (default 180)')
+    return p
+
+
+def _devices(spec, parser):
+    if spec == 'auto':
+        return [torch.device('cpu')] + ([torch.device('cuda')] if torch.cuda.is_available() else [])
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        parser.error(f'--device {spec}: expected auto, cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device {spec}: no CUDA device visible; use --device cpu')
+    if device.type not in ('cpu', 'cuda'):
+        parser.error(f'--device {spec}: expected auto, cpu, cuda or cuda:N')
+    return [device]
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description='MLCMR benchmarks (numbers only, no assertions)')
-    p.add_argument('--device', default='auto')
-    p.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'])
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all)')
-    p.add_argument('--only', default='data,train,eval', help='comma-separated sections')
-    p.add_argument('--quick', action='store_true', help='tiny sizes, for the smoke test')
-    p.add_argument('--out', default='benchmark_results.json')
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    sections = set(args.only.split(','))
-    report = {'machine': {'torch': torch.__version__, 'device': str(device), 'threads': torch.get_num_threads(),
-                          'cpu': platform.processor() or platform.machine(), 'python': platform.python_version(),
-                          'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
-                          'date': time.strftime('%Y-%m-%d %H:%M')}}
-    print(f'benchmark on {device} ({report["machine"]["threads"]} CPU threads, torch {torch.__version__})')
-    cuda = device.type == 'cuda'
-    with tempfile.TemporaryDirectory() as tmp:
-        if 'data' in sections:
-            report['data'] = bench_data(tmp, 64 if args.quick else 2000, 8 if args.quick else 128,
-                                        3 if args.quick else 20)
-        if 'train' in sections:
-            sizes = ['toy'] if args.quick else list(BERT_SIZES)
-            batch_sizes = ({'nrccr': 4, 'mlcmr': 4} if args.quick else
-                           {'nrccr': 128, 'mlcmr': 64} if cuda else {'nrccr': 16, 'mlcmr': 16})
-            report['train'] = bench_train(tmp, device, args.amp, sizes, batch_sizes, 2 if args.quick else 3)
-        if 'eval' in sections:
-            report['eval'] = bench_eval(device, args.quick)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(',') if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        parser.error(f'--only {args.only}: expected a comma-separated subset of {",".join(SECTIONS)}')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads {args.threads}: expected a positive number of threads')
+    devices = _devices(args.device, parser)
+    sizes = QUICK if args.quick else FULL
+    with num_threads(args.threads or torch.get_num_threads()):
+        if any(d.type == 'cuda' for d in devices):      # as the trainer runs
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        report = {'machine': machine_info(devices),
+                  'settings': dict(quick=args.quick, sections=sections, eval_budget_s=args.eval_budget, **sizes)}
+        notes = []
+        m = report['machine']
+        print(f'benchmark: {m["cpu"]} ({m["threads"]} threads), torch {m["torch"]}'
+              + (f', {m["gpu"]}' if 'gpu' in m else ''), flush=True)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix='mlcmr_bench_') as tmp:
+            if 'data' in sections or 'train' in sections:
+                t0 = time.perf_counter()
+                data = Synthetic(tmp, sizes)
+                print(f'synthetic collection: {len(data.videos):,} videos, {len(data.store.bigfile):,} frames x '
+                      f'{data.store.dim} dims, {len(data.datasets["nrccr"]):,} captions '
+                      f'({time.perf_counter() - t0:.1f} s to write)', flush=True)
+            if 'data' in sections:
+                print('data', flush=True)
+                report['data'] = bench_data(data, sizes)
+            if 'train' in sections:
+                print('train', flush=True)
+                report['train'] = []
+                for device in devices:
+                    for amp in (('off', 'bf16') if device.type == 'cuda' else ('off',)):
+                        report['train'] += bench_train(data, sizes, device, amp, notes)
+            if 'eval' in sections:
+                print('eval', flush=True)
+                report['eval'] = []
+                for device in devices:
+                    report['eval'] += bench_eval(sizes, device, args.eval_budget, notes)
+        report['notes'] = notes
+        report['total_s'] = time.perf_counter() - start
     with open(args.out, 'w') as f:
-        json.dump(report, f, indent=2)
-    print(f'wrote {args.out}')
+        json.dump(report, f, indent=1)
+    print(f'wrote {args.out} ({report["total_s"]:.0f} s)', flush=True)
     return report
 
 
