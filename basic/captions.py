@@ -47,6 +47,12 @@ class CaptionFile:
     def __len__(self):
         return len(self.cap_ids)
 
+    def append(self, cap_id, text, video_id, tag, k, line_no):
+        """Add one caption (keeps the parallel lists aligned)."""
+        for column, value in zip((self.cap_ids, self.texts, self.video_ids, self.tags, self.ks, self.line_nos),
+                                 (cap_id, text, video_id, tag, k, line_no)):
+            column.append(value)
+
 
 def read_captions(path):
     """Read a caption file (SPEC §1.4) into a CaptionFile.
@@ -85,12 +91,7 @@ def read_captions(path):
             raise DataError(f'{path}:{line_no}: caption {cap_id!r} repeats video {video_id!r} and k={k} of line '
                             f'{first_line[video_id, k]}; each (video, k) may appear once per file, remove one')
         first_line[video_id, k] = line_no
-        cf.cap_ids.append(cap_id)
-        cf.texts.append(caption)
-        cf.video_ids.append(video_id)
-        cf.tags.append(tag)
-        cf.ks.append(k)
-        cf.line_nos.append(line_no)
+        cf.append(cap_id, caption, video_id, tag, k, line_no)
     return cf
 
 

@@ -118,12 +118,7 @@ def caption_file(path, rows):
     """CaptionFile from (video_id, tag, k) rows, texts 'video/k'."""
     cf = CaptionFile(path)
     for n, (v, tag, k) in enumerate(rows, start=1):
-        cf.cap_ids.append(f'{v}#{tag}#{k}')
-        cf.texts.append(f'{v}/{k}')
-        cf.video_ids.append(v)
-        cf.tags.append(tag)
-        cf.ks.append(k)
-        cf.line_nos.append(n)
+        cf.append(f'{v}#{tag}#{k}', f'{v}/{k}', v, tag, k, n)
     return cf
 
 
