@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train MLCMR (SPEC §5, §8.2), then test the best checkpoint on TARGET_LANG.
+# Train MLCMR (docs/models.md, docs/training.md 'Hyperparameters'), then test the best checkpoint on TARGET_LANG.
 # usage: ./do_all_mlcmr.sh COLLECTION FEATURE TRAIN_MODE LABEL_SITUATION TARGET_LANG ROOTPATH [GPU_ID] [flags]
 #   e.g. ./do_all_mlcmr.sh vatex i3d_kinetics parallel translate zh ~/VisualSearch 0
 #   TRAIN_MODE parallel|unparallel, LABEL_SITUATION human_label|translate, TARGET_LANG zh|en, GPU_ID 0|0,1|cpu

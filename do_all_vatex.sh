@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train NRCCR on VATEX with the paper's settings (SPEC §8.1), then test the best checkpoint.
+# Train NRCCR on VATEX with the paper's settings (docs/training.md, 'Hyperparameters'), then test the best checkpoint.
 # usage: ./do_all_vatex.sh ROOTPATH GPU_ID [extra trainer.py flags]    (GPU_ID: 0 | 0,1,2,3 | cpu)
 # do_all_msrvttcn.sh runs this recipe with the MSR-VTT-CN values of the four variables below.
 set -euo pipefail

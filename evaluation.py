@@ -1,4 +1,4 @@
-"""Evaluation: exact retrieval metrics (SPEC §7), score normalisation and fusion (SPEC §6.1, §7.6).
+"""Evaluation: exact retrieval metrics, score normalisation and fusion (docs/evaluation.md).
 
 Conventions: `sims` is a `[num_captions, num_videos]` similarity matrix (higher = more similar; the references
 work on errors = -sims, which ranks identically) and `cap2vid[i]` is the column of caption i's video.
@@ -33,22 +33,22 @@ _AUTO_BLOCK_ELEMENTS_CPU, _AUTO_BLOCK_ELEMENTS_CUDA = 1 << 22, 1 << 27
 
 @torch.no_grad()
 def compute_metrics(sims, cap2vid, chunk_size=None):
-    """All SPEC §7 metrics of a similarity matrix, exactly, for both directions.
+    """All metrics (docs/evaluation.md) of a similarity matrix, exactly, for both directions.
 
     sims: `[num_captions, num_videos]` torch tensor or NumPy array (any device, any real dtype; a NumPy array,
     memory-mapped ones included, is converted block by block). cap2vid: `num_captions` video columns.
     chunk_size: queries compared at once (None: sized from the matrix); it never changes the result.
 
     Returns python floats keyed by METRIC_KEYS:
-      `*_r1, *_r5, *_r10`  recall in percent (0..100): 100 * |{q : r_q <= K}| / N_q        (SPEC §7.3)
+      `*_r1, *_r5, *_r10`  recall in percent (0..100): 100 * |{q : r_q <= K}| / N_q        ('Recall, MedR, MeanR')
       `*_medr, *_meanr`    median / mean of the 1-based ranks r_q; the median is not floored (x.5 possible)
-      `*_map`              mean average precision as a FRACTION in [0, 1] (the READMEs print it x100)  (§7.4)
-      `sumr`               the six recalls summed (0..600)                                             (§7.5)
+      `*_map`              mean average precision as a FRACTION in [0, 1] (the READMEs print it x100)  ('mAP')
+      `sumr`               the six recalls summed (0..600)                                             ('SumR')
     t2v: one query per caption, its only relevant item is video cap2vid[i]; r = its rank, AP = 1/r.
     v2t: one query per video, relevant = all of its captions (any number, in any rows); r = rank of its
     best-placed caption, AP = (1/R) sum_k k / pos_k over the 1-based places pos_1 < ... < pos_R of its R
     captions. A video without any caption has no relevant item and is left out of the v2t averages (N_q =
-    videos with captions; the references never meet one, as their videos are read from the caption file, §7.2).
+    videos with captions; the references never meet one, as their videos are read from the caption file).
     """
     if isinstance(sims, torch.Tensor):
         if sims.dim() != 2:
@@ -196,7 +196,7 @@ def _v2t_places(col_block, cap2vid, num_videos, chunk):
 
 
 def _v2t_summary(places, cap2vid, num_videos):
-    """Per-video best rank and AP (SPEC §7.4) from each caption's place in its video's row."""
+    """Per-video best rank and AP (docs/evaluation.md, 'mAP') from each caption's place in its video's row."""
     num_captions = cap2vid.numel()
     counts = torch.bincount(cap2vid, minlength=num_videos)
     starts = counts.cumsum(0) - counts
@@ -224,7 +224,7 @@ def _summary(prefix, ranks, ap):
 # ============ normalisation and fusion ============
 
 def norm_score(sims):
-    """SPEC §6.1 global min-max, on similarities: (s - min(s)) / max(s - min(s)) over the whole matrix -> [0, 1].
+    """Global min-max (docs/evaluation.md), on similarities: (s - min(s)) / max(s - min(s)) over the whole matrix -> [0, 1].
 
     The reference applies `-norm(-E)` to errors E = -s with the same arithmetic, so this is bit-identical to
     `-norm_score_reference(-s)` and ranks the same. A constant matrix (max = min) maps to zeros instead of
@@ -239,7 +239,7 @@ def norm_score(sims):
 
 
 def fuse(sims_a, sims_b, w):
-    """w * norm_score(sims_a) + (1 - w) * norm_score(sims_b): the NRCCR fusion (SPEC §6.1, §7.6)."""
+    """w * norm_score(sims_a) + (1 - w) * norm_score(sims_b): the NRCCR fusion (docs/evaluation.md, 'Fusion')."""
     a, b = torch.as_tensor(sims_a), torch.as_tensor(sims_b)
     if a.shape != b.shape:
         raise ValueError(f'cannot fuse similarity matrices of shapes {tuple(a.shape)} and {tuple(b.shape)}')
@@ -283,7 +283,7 @@ _TABLE_COLUMNS = (('t2v R@1', 't2v_r1', 1, 1), ('R@5', 't2v_r5', 1, 1), ('R@10',
 
 
 def format_table(metrics, title=None):
-    """The README/paper table (SPEC §9) as markdown: t2v R@1 R@5 R@10 MedR mAP | v2t the same | SumR.
+    """The paper table (docs/evaluation.md, 'Published results') as markdown: t2v R@1 R@5 R@10 MedR mAP | v2t the same | SumR.
 
     Recalls, MedR and SumR with one decimal, mAP x100 with two (the README convention).
     """
@@ -298,7 +298,7 @@ def format_table(metrics, title=None):
 # ============ encoding loops ============
 
 def _shard_batches(n, batch_size, rank, world):
-    """Consecutive batches in file order (their composition matters for parity, SPEC Appendix A),
+    """Consecutive batches in file order (their composition matters for parity, docs/parity.md),
     dealt round-robin to the ranks."""
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::world]
 
@@ -335,7 +335,7 @@ def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, 
 
 
 def encode_videos(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
-    """Unit-norm video embeddings (N_v, D) on CPU, in dataset order (SPEC §7.1)."""
+    """Unit-norm video embeddings (N_v, D) on CPU, in dataset order (docs/evaluation.md, 'Similarity matrices')."""
     return _encode(model, lambda b: model.embed_videos(b['video']), dataset, batch_size, device, workers,
                    autocast, dist, 'encode videos')
 
@@ -351,5 +351,5 @@ def l2_normalize(x):
 
 
 def similarity(text_emb, video_emb):
-    """[captions, videos] cosine similarities; rows re-l2-normalised as in SPEC §7.1."""
+    """[captions, videos] cosine similarities; rows re-l2-normalised (docs/evaluation.md, 'Similarity matrices')."""
     return l2_normalize(text_emb) @ l2_normalize(video_emb).T

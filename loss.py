@@ -1,4 +1,4 @@
-"""Losses of NRCCR (SPEC §3.6, §4) and MLCMR (SPEC §5.4-5.5), as pure functions on tensors.
+"""Losses of NRCCR and MLCMR (docs/losses.md), as pure functions on tensors.
 
 Embeddings may arrive in fp16/bf16 under autocast. Similarities are computed in float32 with autocast
 switched off locally, so the softmaxes, logs and hinges that follow are float32 too: `exp(1/0.07)` overflows
@@ -24,7 +24,7 @@ def _sims(im, s):
 
 
 def triplet_loss(s, im, margin=0.2, max_violation=True, cost_style='sum', direction='all', same_video=None):
-    """Bidirectional hinge loss `Tri(s, im)` (SPEC §4.1), with `S = im @ s.T` (float32):
+    """Bidirectional hinge loss `Tri(s, im)` (docs/losses.md, 'Triplet ranking loss'), with `S = im @ s.T` (float32):
 
         v2t part (rows, direction 'v2t'):    C^s_ij  = [margin + S_ij - S_ii]_+, reduced over j per row i
         t2v part (columns, direction 't2v'): C^im_ij = [margin + S_ij - S_jj]_+, reduced over i per column j
@@ -57,7 +57,7 @@ def triplet_loss(s, im, margin=0.2, max_violation=True, cost_style='sum', direct
 
 
 def dtl_loss(c_tr, c_cross, v, tau=0.07, detach_video_in_teacher=False):
-    """Similarity-view self-distillation (SPEC §4.2), float32:
+    """Similarity-view self-distillation (docs/losses.md), float32:
 
         T_v2t = softmax_row(v c_cross^T / tau),   T_t2v = softmax_row(c_cross v^T / tau)
         L_v2t = -(1/B) sum_ij T_v2t[i,j] log_softmax_row(v c_tr^T / tau)[i,j]
@@ -75,7 +75,7 @@ def dtl_loss(c_tr, c_cross, v, tau=0.07, detach_video_in_teacher=False):
 
 
 def feature_distill_loss(c_tr, c_cross, beta=4.0, detach_teacher=False):
-    """Feature-view self-distillation (SPEC §4.3): SmoothL1(c_tr, c_cross; beta), mean over all elements,
+    """Feature-view self-distillation (docs/losses.md): SmoothL1(c_tr, c_cross; beta), mean over all elements,
 
         l(x) = 0.5 x^2 / beta if |x| < beta else |x| - 0.5 beta,   x = c_tr - c_cross.
 
@@ -86,7 +86,7 @@ def feature_distill_loss(c_tr, c_cross, beta=4.0, detach_teacher=False):
 
 
 def info_nce(s, im, tau=0.07):
-    """InfoNCE as in MLCMR (SPEC §5.4), one direction, summed over the batch:
+    """InfoNCE as in MLCMR (docs/losses.md, 'InfoNCE'), one direction, summed over the batch:
 
         NCE(s, im) = sum_i -log softmax_j(S_ij / tau)[i],   S = im @ s.T  (rows = `im` anchors)
 
@@ -99,12 +99,12 @@ def info_nce(s, im, tau=0.07):
 
 
 def symmetric_info_nce(a, b, tau=0.07):
-    """0.5 * (NCE(a, b) + NCE(b, a)), the form every InfoNCE term of SPEC §5.5 takes."""
+    """0.5 * (NCE(a, b) + NCE(b, a)), the form of every InfoNCE term (docs/losses.md, 'MLCMR objective')."""
     return 0.5 * (info_nce(a, b, tau) + info_nce(b, a, tau))
 
 
 def gan_loss(logits, real: bool):
-    """Adversarial loss (SPEC §3.6): BCEWithLogits(logits, target), the target of the logits' shape (B, 2)
+    """docs/losses.md, 'Adversarial term': BCEWithLogits(logits, target), the target of the logits' shape (B, 2)
     filled with 1 (real = source language) or 0 (fake = translation), so both logits are pushed the same
     way (reference behaviour); mean over all elements, float32."""
     logits = logits.float()

@@ -1,4 +1,4 @@
-"""The two retrieval models, NRCCR (SPEC §3-4) and MLCMR (SPEC §5), behind one interface.
+"""The two retrieval models, NRCCR and MLCMR (docs/models.md), behind one interface.
 
 Both are built from a plain config dict (`model_cfg`, stored in every checkpoint) by `build_model(cfg)`
 and expose the same methods, so one trainer and one tester serve both:
@@ -15,7 +15,7 @@ and expose the same methods, so one trainer and one tester serve both:
 loss (which may gather embeddings across ranks) runs on the unwrapped model. Nothing here touches argparse,
 devices or torch.distributed: the trainer hands in `gather` / `grad_sync` callables.
 
-Parity defaults follow SPEC Appendix A; each clean alternative is a config key (see DEFAULTS).
+Parity defaults follow docs/parity.md, 'Parity switches'; each clean alternative is a config key (see DEFAULTS).
 """
 import copy
 import math
@@ -42,7 +42,7 @@ COMMON_DEFAULTS = dict(
     max_violation=True,
     cost_style='sum',
     direction='all',
-    masked_pooling=False,      # parity: mean over all padded positions (SPEC §3.1 quirk)
+    masked_pooling=False,      # parity: mean over all padded positions (docs/models.md, 'NRCCR building blocks')
     dedup_negatives=False,     # parity: captions of the same video in a batch count as negatives
 )
 
@@ -82,7 +82,7 @@ def build_bert(cfg):
 
 
 def set_bert_trainable(bert, frozen, trainable_layers):
-    """SPEC §3.5: 'frozen' trains only the listed layers (exact index match, not the reference's
+    """docs/models.md, 'BERT fine-tuning': 'frozen' trains only the listed layers (exact index match, not the reference's
     substring test), 'all_frozen' none, 'finetune' all."""
     stems = tuple(f'{s}.' for s in (trainable_layers or []))
     for name, p in bert.named_parameters():
@@ -107,7 +107,7 @@ def l2n(x):
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-# ============ NRCCR building blocks (SPEC §3.1) ============
+# ============ NRCCR building blocks (docs/models.md, 'NRCCR building blocks') ============
 
 class LinearLayer(nn.Module):
     """y = ReLU(W · Dropout(LayerNorm(x)) + b).  Keys match the reference (`LayerNorm`, `net.1`)."""
@@ -156,7 +156,7 @@ class _Output(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """One BERT-style attention sub-layer without feed-forward (SPEC §3.1).
+    """One BERT-style attention sub-layer without feed-forward (docs/models.md, 'NRCCR building blocks').
 
     Q, K: H -> 512 (split into h heads); V: H -> H. Scores are scaled by 1/sqrt(H/h) (the value head size,
     parity) or 1/sqrt(512/h) (`scale_by_key`). Mask M = m_q^T m_k, additive (1 - M) * -10000.
@@ -187,7 +187,7 @@ class AttentionBlock(nn.Module):
 
 
 class MFC(nn.Module):
-    """Latent mapping (SPEC §3.4): Linear (Xavier-uniform, zero bias) -> BatchNorm1d -> Dropout -> l2n."""
+    """Latent mapping (docs/models.md, 'Latent mapping'): Linear (Xavier-uniform, zero bias) -> BatchNorm1d -> Dropout -> l2n."""
 
     def __init__(self, in_dim, out_dim, dropout=0.2):
         super().__init__()
@@ -202,7 +202,7 @@ class MFC(nn.Module):
 
 
 class VideoTransformerEncoder(nn.Module):
-    """SPEC §3.2: LinearLayer -> positional encoding (80) -> self-attention -> mean pool."""
+    """docs/models.md, 'NRCCR video encoder': LinearLayer -> positional encoding (80) -> self-attention -> mean pool."""
 
     def __init__(self, feat_dim, hidden, heads, layers=1, max_len=80, scale_by_key=False, masked_pooling=False):
         super().__init__()
@@ -221,7 +221,7 @@ class VideoTransformerEncoder(nn.Module):
 
 
 class NRCCRTextEncoder(nn.Module):
-    """SPEC §3.3 `Text_share`: one BERT, one projection, one positional table (250) and one attention
+    """docs/models.md, 'NRCCR text encoder' (`Text_share`): one BERT, one projection, one positional table (250) and one attention
     block shared by every text stream."""
 
     def __init__(self, bert, hidden, heads, max_len=250, scale_by_key=False, masked_pooling=False):
@@ -257,7 +257,7 @@ class ResBlock(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Language discriminator on BERT states (SPEC §3.6); outputs (B, 2) logits after a mean over L."""
+    """Language discriminator on BERT states (docs/models.md, 'Discriminator'); outputs (B, 2) logits after a mean over L."""
 
     def __init__(self, in_dim, kind='weak', residual_on_relu=True, masked_pooling=False):
         super().__init__()
@@ -314,11 +314,11 @@ class RetrievalModel(nn.Module):
         return (vid.unsqueeze(0) == vid.unsqueeze(1)) & ~torch.eye(len(vid), dtype=torch.bool, device=vid.device)
 
 
-# ============ NRCCR (SPEC §3, §4) ============
+# ============ NRCCR (docs/models.md, docs/losses.md) ============
 
 class NRCCR(RetrievalModel):
     name = 'nrccr'
-    fusion_normalize = True          # SPEC §6.1/§7.6: min-max normalise before fusing
+    fusion_normalize = True          # docs/evaluation.md, 'Fusion': min-max normalise before fusing
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(5, 12)],
@@ -357,7 +357,7 @@ class NRCCR(RetrievalModel):
 
     # ---- training ----
     def forward(self, batch):
-        """Training forward (SPEC §3.3 steps 1-6, §3.4): mapped embeddings and the raw BERT states."""
+        """Training forward (docs/models.md, 'NRCCR text encoder' steps 1-5): mapped embeddings and the raw BERT states."""
         te = self.text_encoder
         video = batch['video']
         v = self.video_mapping(self.video_encoder(video['frames'], video['mask']))
@@ -377,7 +377,7 @@ class NRCCR(RetrievalModel):
                     same_video=batch.get('same_video'), video_index=batch.get('video_index'))
 
     def discriminator_step(self, out):
-        """SPEC §3.6: one Adam step of the discriminator on detached BERT states, in fp32."""
+        """docs/losses.md, 'Adversarial term': one Adam step of the discriminator on detached BERT states, in fp32."""
         D, opt = self.discriminator, self._disc_optimizer
         with torch.autocast(out['E_src'].device.type, enabled=False):
             real = D(out['E_src'].detach().float(), out['m_src'])
@@ -394,7 +394,7 @@ class NRCCR(RetrievalModel):
                 'fake_acc': losses.gan_accuracy(fake, False)}
 
     def training_loss(self, out):
-        """SPEC §4.5: L = Tri(c_src,v) + α Tri(c_tr,v) + β L_dtl + w_bt L_bt + scale·BCE(D(E_tr),1) + γ L_feat."""
+        """docs/losses.md: L = Tri(c_src,v) + α Tri(c_tr,v) + β L_dtl + w_bt L_bt + scale·BCE(D(E_tr),1) + γ L_feat."""
         cfg, g = self.cfg, self.gather
         logs = self.discriminator_step(out) if self._disc_optimizer is not None else {}
         v, c_src, c_tr, c_cross, c_bt = (g(out[k]) for k in ('v', 'c_src', 'c_tr', 'c_cross', 'c_bt'))
@@ -421,7 +421,7 @@ class NRCCR(RetrievalModel):
         return self.video_mapping(self.video_encoder(video['frames'], video['mask']))
 
     def embed_texts(self, text):
-        """Inference (SPEC §3.3 'reference' mode): each stream through self-attention only."""
+        """Inference (docs/models.md, 'NRCCR text encoder'): each stream through self-attention only."""
         te, out = self.text_encoder, {}
         for role, stream in text.items():
             _, F_s = te.features(stream)
@@ -429,21 +429,21 @@ class NRCCR(RetrievalModel):
         return out
 
     def validation_score(self, sims, cap2vid):
-        """SPEC §6.1: t2v R@1+R@5+R@10 on the min-max fused matrix (sim_ratio on the English MT)."""
+        """docs/training.md, 'Validation score': t2v R@1+R@5+R@10 on the min-max fused matrix (sim_ratio on the English MT)."""
         fused = evaluation.fuse(sims['primary'], sims['second'], self.cfg['sim_ratio'])
         m = evaluation.compute_metrics(fused, cap2vid)
         return m['t2v_r1'] + m['t2v_r5'] + m['t2v_r10'], {f'val/{k}': x for k, x in m.items()}
 
     @staticmethod
     def fusion_sweep(**_):
-        """SPEC §7.6: weights on the English-MT (primary) matrix; 0.2 is the validation setting."""
+        """docs/evaluation.md, 'Testers': weights on the English-MT (primary) matrix; 0.2 is the validation setting."""
         return [(f'w={w}', w) for w in (1.0, 0.8, 0.5, 0.2, 0.0)]
 
 
-# ============ MLCMR (SPEC §5) ============
+# ============ MLCMR (docs/models.md, docs/losses.md) ============
 
 class MultiLevelVideoEncoder(nn.Module):
-    """SPEC §5.1: [biGRU masked mean | biGRU-CNN max-pooled | frame mean] ('full') or the first two."""
+    """docs/models.md, 'MLCMR video encoder': [biGRU masked mean | biGRU-CNN max-pooled | frame mean] ('full') or the first two."""
 
     def __init__(self, feat_dim, rnn_size=512, kernel_num=512, kernel_sizes=(2, 3, 4, 5), dropout=0.2,
                  concate='full', packed_gru=False):
@@ -475,7 +475,7 @@ class MultiLevelVideoEncoder(nn.Module):
 
 class MLCMR(RetrievalModel):
     name = 'mlcmr'
-    fusion_normalize = False         # SPEC §7.6: raw errors are fused
+    fusion_normalize = False         # docs/evaluation.md, 'Fusion': raw errors are fused
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(6, 12)],
@@ -515,7 +515,7 @@ class MLCMR(RetrievalModel):
         return out
 
     def training_loss(self, out):
-        """SPEC §5.5, per caption stream t in (en, zh) or (half,):
+        """docs/losses.md, 'MLCMR objective', per caption stream t in (en, zh) or (half,):
         L = Σ_t [Tri(t, v) + ½(NCE(t, t̄) + NCE(t̄, t))] + ½(NCE(v, v̄) + NCE(v̄, v))."""
         cfg, g = self.cfg, self.gather
         tri = self._tri_kwargs(out)
@@ -532,7 +532,7 @@ class MLCMR(RetrievalModel):
         return loss * self.world_size, logs
 
     def validation_score(self, sims, cap2vid):
-        """SPEC §6.1: sum of the 12 recalls (t2v and v2t R@1,5,10 on the en and the zh matrix)."""
+        """docs/training.md, 'Validation score': sum of the 12 recalls (t2v and v2t R@1,5,10 on the en and the zh matrix)."""
         score, logs = 0.0, {}
         for role, lang in (('primary', 'en'), ('second', 'zh')):
             m = evaluation.compute_metrics(sims[role], cap2vid)
@@ -542,7 +542,7 @@ class MLCMR(RetrievalModel):
 
     @staticmethod
     def fusion_sweep(target_language='zh', train_mode='parallel', label_situation='translate'):
-        """SPEC §7.6: w = 0.85 (parallel/human_label) or 0.55 on the target-language matrix; the primary
+        """docs/evaluation.md, 'Fusion': w = 0.85 (parallel/human_label) or 0.55 on the target-language matrix; the primary
         stream is the English one, so its weight is 1 - w for target zh and w for target en."""
         w = 0.85 if (train_mode, label_situation) == ('parallel', 'human_label') else 0.55
         return [(f'w_{target_language}={w}', 1.0 - w if target_language == 'zh' else w)]
@@ -566,7 +566,7 @@ def build_model(cfg):
     return MODELS[cfg['model']](cfg)
 
 
-# ============ original NRCCR release checkpoints (SPEC §3.7) ============
+# ============ original NRCCR release checkpoints (docs/models.md, 'Checkpoint formats') ============
 
 def _legacy_key(component, key):
     """Our parameter name for `key` of component `component` of the reference's 5-part state list."""

@@ -1,4 +1,4 @@
-"""Evaluate a trained NRCCR or MLCMR checkpoint on a test split (SPEC §7).
+"""Evaluate a trained NRCCR or MLCMR checkpoint on a test split (docs/evaluation.md).
 
     python tester.py --rootpath ~/VisualSearch --collection vatex --logger_name RUN_DIR
     python tester.py --rootpath ~/VisualSearch --collection vatex --checkpoint path/to/model_best.pth.tar
@@ -106,7 +106,7 @@ def _main(args):
     model.to(device)
     is_mlcmr = train_args['model'] == 'mlcmr'
 
-    # Options a model was trained with apply unless the command line says otherwise (SPEC §0.1).
+    # Options a model was trained with apply unless the command line says otherwise (docs/evaluation.md, 'Testers').
     opts = argparse.Namespace(**{k: train_args.get(k) for k in (
         'model', 'collection', 'visual_feature', 'data_type', 'train_mode', 'label_situation',
         'target_language', 'frame_sampling', 'bert_name', 'tokenizer_lower_case')})

@@ -7,7 +7,7 @@
 
 Re-running the same command continues an interrupted run from its last checkpoint and skips a finished
 one (`--overwrite 1` starts again). Every epoch: train one pass, validate, checkpoint, update the learning
-rate, check early stopping (SPEC §6).
+rate, check early stopping (docs/training.md).
 """
 import argparse
 import contextlib
@@ -31,7 +31,7 @@ from util import runs
 
 logger = logging.getLogger('mlcmr')
 
-# Model-dependent defaults: (NRCCR, MLCMR), SPEC §8.
+# Model-dependent defaults: (NRCCR, MLCMR), docs/training.md, 'Hyperparameters'.
 MODEL_DEFAULTS = {
     'batch_size': (128, 64),
     'val_batch_size': (128, 16),
@@ -418,7 +418,7 @@ def _main(args):
             state['no_impr_counter'] = 0 if improved else state['no_impr_counter'] + 1
             if improved:
                 state['best_score'] = score
-            # learning-rate schedule (SPEC §6): decay every epoch, halve after non-improving epochs
+            # learning-rate schedule (docs/training.md, 'Schedule'): decay every epoch, halve after non-improving epochs
             state['lr'] *= args.lr_decay_rate
             state['lr_counter'] += 1
             if not improved and state['lr_counter'] > 2:

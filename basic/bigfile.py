@@ -1,10 +1,10 @@
-"""BigFile: the VisualSearch frame-feature store (SPEC §1.2).
+"""BigFile: the VisualSearch frame-feature store (docs/data.md, 'BigFile').
 
 A feature folder holds ``shape.txt`` ("<rows> <dims>"), ``id.txt`` (row ids,
 whitespace separated, Latin-1) and ``feature.bin`` (rows x dims float32,
 little-endian, row-major, no header).
 
-Unlike the reference (SPEC §10), the folder is validated once on open, the
+Unlike the reference (docs/parity.md, 'Defects fixed without a switch'), the folder is validated once on open, the
 features are one memory map (no file opened per frame), `read` gathers in
 request order, and an unknown id is a `DataError` naming it.
 """
@@ -28,7 +28,7 @@ class BigFile:
     def __init__(self, feature_dir):
         self.path = feature_dir
         shape_file, id_file, bin_file = (os.path.join(feature_dir, n) for n in ('shape.txt', 'id.txt', FILES[0]))
-        hint = ('a feature folder holds feature.bin, id.txt and shape.txt (SPEC §1.2); '
+        hint = ('a feature folder holds feature.bin, id.txt and shape.txt (docs/data.md, "BigFile"); '
                 'check --rootpath and the feature name')
         for f in (shape_file, id_file, bin_file):
             if not os.path.isfile(f):
@@ -138,7 +138,7 @@ class BigFileWriter:
         if self.ndims is None:
             raise ValueError('the number of dims is unknown: pass ndims or add at least one row')
         with open(self._tmp['id.txt'], 'wb') as f:
-            f.write(' '.join(self.names).encode('latin-1'))     # Latin-1 like the reader (SPEC §1.2)
+            f.write(' '.join(self.names).encode('latin-1'))     # Latin-1 like the reader (docs/data.md, 'BigFile')
         with open(self._tmp['shape.txt'], 'w') as f:
             f.write(f'{len(self.names)} {self.ndims}')
         for name in FILES:      # shape.txt last: until then a reader sees the old folder or a size mismatch

@@ -1,4 +1,4 @@
-"""Caption files: reading, ids, English cleaning and pairing (SPEC §1.4, §2.1, §0.2).
+"""Caption files: reading, ids, English cleaning and pairing (docs/data.md).
 
 A caption line is `<video_id>#<tag>#<k> <text>`. Captions of different files are paired by (video id, k)
 parsed from their ids, never by rebuilding an id with another tag, so both MT namings (`zh2enc`, `zhc2en`)
@@ -19,7 +19,7 @@ _ID_FORMAT = '"<video_id>#<tag>#<k> <caption text>"'
 
 def parse_cap_id(cap_id):
     """`<video_id>#<tag>#<k>` -> (video_id, tag, k). A trailing `.jpg`/`.mp4` is dropped from the video id
-    (SPEC §1.4 getVideoId). Raises ValueError unless there are exactly three fields, non-empty, k an int."""
+    (docs/data.md, 'Caption files'). Raises ValueError unless there are exactly three fields, non-empty, k an int."""
     fields = cap_id.split('#')
     if len(fields) != 3:
         raise ValueError(f'caption id {cap_id!r} has {len(fields)} "#"-separated fields, expected 3 '
@@ -55,7 +55,7 @@ class CaptionFile:
 
 
 def read_captions(path):
-    """Read a caption file (SPEC §1.4) into a CaptionFile.
+    """Read a caption file (docs/data.md, 'Caption files') into a CaptionFile.
 
     UTF-8 (a BOM is dropped), CRLF or LF, final newline optional, blank lines skipped. Each stripped line
     is split at its first space; runs of spaces inside the text are kept. Bad lines, invalid UTF-8 and a
@@ -96,7 +96,7 @@ def read_captions(path):
 
 
 def clean_english(text):
-    """SPEC §2.1: non-[A-Za-z0-9] -> space, lower-case, collapse spaces, strip, append '.' unless empty or
+    """docs/data.md, 'English cleaning': non-[A-Za-z0-9] -> space, lower-case, collapse spaces, strip, append '.' unless empty or
     ending in . ? ! (never, after step 1), capitalise the first character."""
     text = ' '.join(_NON_ALNUM.sub(' ', text).lower().split())
     if text and text[-1] not in '.?!':
@@ -105,7 +105,7 @@ def clean_english(text):
 
 
 def video_order(video_ids):
-    """Distinct video ids in order of first appearance (SPEC §1.4), in O(N)."""
+    """Distinct video ids in order of first appearance (docs/data.md, 'Caption files'), in O(N)."""
     return list(dict.fromkeys(video_ids))
 
 
@@ -131,7 +131,7 @@ def match_captions(primary, partners):
 
 
 def pair_captions(primary, partners, strict=False):
-    """Pair the primary CaptionFile with partner CaptionFiles by (video id, k) (SPEC §0.2).
+    """Pair the primary CaptionFile with partner CaptionFiles by (video id, k) (docs/data.md, 'Pairing captions').
 
     Returns (keep, partner_rows) as in `match_captions`. Primary captions lacking a partner are skipped
     with one logged warning (count, first ids, partner file); with strict=True that is a DataError."""

@@ -1,4 +1,4 @@
-"""File naming of a VisualSearch root (SPEC §1.1, §1.6, §1.7).
+"""File naming of a VisualSearch root (docs/data.md).
 
 A caption stream names the file(s) one model branch reads, in `<rootpath>/<collection>/TextData/`. Where the
 two references name the same file differently (Chinese->English MT: NRCCR `zh2enc`, MLCMR `zhc2en`) a stream
@@ -67,7 +67,7 @@ def _file(collection, split, suffix=''):
 
 
 def nrccr_streams(collection, split, data_type='google_enc2zh'):
-    """NRCCR video caption streams (SPEC §1.6).
+    """NRCCR video caption streams (docs/data.md, 'NRCCR caption files').
 
     train: src (English human, cleaned), tr (`_<data_type>`), bt (`_<data_type>2enc`; the reference
     hard-codes `_google_enc2zh2enc`, which is what the default data_type gives).
@@ -90,13 +90,13 @@ def nrccr_streams(collection, split, data_type='google_enc2zh'):
 
 def mlcmr_val_streams(collection, split='val'):
     """MLCMR validation streams of any split: en `<C><split>` (cleaned) + zh `<C><split>_zh` (raw). The MSR-VTT
-    parity quirk (SPEC §1.7) validates on split='test'."""
+    parity quirk (docs/data.md, 'MLCMR caption files') validates on split='test'."""
     return [CaptionStream('en', (_file(collection, split),), 'en'),
             CaptionStream('zh', (_file(collection, split, '_zh'),), 'raw')]
 
 
 def mlcmr_streams(collection, split, train_mode='parallel', label_situation='translate', target_language='zh'):
-    """MLCMR caption streams (SPEC §1.7), roles 'en' and 'zh' ('half' for unparallel training).
+    """MLCMR caption streams (docs/data.md, 'MLCMR caption files'), roles 'en' and 'zh' ('half' for unparallel training).
 
     train: parallel/human_label: en human + zh human; parallel/translate/zh: en human + en->zh MT;
     parallel/translate/en: zh->en MT + zh human; unparallel: the mixed `_half` file, cleaned per line by tag.

@@ -1,4 +1,4 @@
-"""video2frames: which BigFile rows (frame ids) make up each video (SPEC §1.3).
+"""video2frames: which BigFile rows (frame ids) make up each video (docs/data.md, 'video2frames').
 
 `video2frames.txt` is the text of a dict literal `{video_id: [frame_id, ...]}`. The reference parses it with
 `eval`; here it is parsed as data only (JSON, else `ast.literal_eval`), so a file holding code is refused and
@@ -99,7 +99,7 @@ def write_video2frames(path, mapping):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Write FEATURE_DIR/video2frames.txt from FEATURE_DIR/id.txt '
-                                     '(frame ids <video_id>_<frame_no>, SPEC §1.3).')
+                                     '(frame ids <video_id>_<frame_no>, docs/data.md).')
     parser.add_argument('feature_dir', help='a BigFile folder (feature.bin, id.txt, shape.txt)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing video2frames.txt')
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""BigFile, video2frames and txt2bin (SPEC §1.2, §1.3)."""
+"""BigFile, video2frames and txt2bin (docs/data.md)."""
 import builtins
 import io
 import os
@@ -106,7 +106,7 @@ def test_truncated_feature_bin(bigdir):
 
 
 def test_duplicate_ids(bigdir):
-    # whitespace of any kind separates ids (SPEC §1.2)
+    # whitespace of any kind separates ids (docs/data.md, 'BigFile')
     (bigdir / 'id.txt').write_text('a_1\nb_2  a_1\tc_3 b_2')
     with pytest.raises(DataError) as e:
         BigFile(str(bigdir))

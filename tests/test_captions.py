@@ -1,4 +1,4 @@
-"""Caption ids, caption files, English cleaning and pairing (SPEC §1.4, §2.1, §0.2)."""
+"""Caption ids, caption files, English cleaning and pairing (docs/data.md)."""
 import logging
 from pathlib import Path
 

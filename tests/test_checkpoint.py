@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §0.5, §3.7, §6.2): atomic save, safe load, legacy allow-list, RNG state, key prefixes."""
+"""Checkpoints (docs/models.md, 'Checkpoint formats'): atomic save, safe load, legacy allow-list, RNG state, key prefixes."""
 import argparse
 import collections
 import os
@@ -146,7 +146,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def legacy_state_dicts():
-    """Five state dicts in the SPEC §3.7 release layout (DataParallel `module.` prefixes)."""
+    """Five state dicts in the original NRCCR release layout of docs/models.md (DataParallel `module.` prefixes)."""
     return [{'module.input_proj_layer.net.1.weight': torch.ones(2, 3)},
             {'module.text_bert.text_bert.embeddings.word_embeddings.weight': torch.ones(4, 2)},
             {'mapping.fc1.weight': torch.ones(2, 2)}, {'mapping.fc1.bias': torch.zeros(2)},

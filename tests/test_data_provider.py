@@ -30,7 +30,7 @@ def store(toy_root):
 
 
 def test_tokenizer_casing_parity(toy_root, tok):
-    """SPEC §2.2: lower-case + strip accents on the cased vocabulary."""
+    """docs/data.md, 'Tokenizer': lower-case + strip accents on the cased vocabulary."""
     assert tok('A Mán.')['input_ids'] == tok('a man.')['input_ids']
     cased = dp.build_tokenizer(os.path.join(toy_root, 'tiny_bert'), False)
     assert cased('A Mán.')['input_ids'] != cased('a man.')['input_ids']
@@ -55,7 +55,7 @@ def test_mask_tokens_counts_and_positions():
         ids = np.arange(1000, 1000 + n, dtype=np.int32)
         out = dp.mask_tokens(ids, rng, 103)
         masked = np.flatnonzero(out == 103)
-        assert len(masked) == int(np.floor(0.15 * n))            # SPEC §2.3: floor(0.15 n) distinct positions
+        assert len(masked) == int(np.floor(0.15 * n))            # docs/data.md: floor(0.15 n) distinct positions
         assert 0 not in masked and n - 1 not in masked            # never [CLS] / [SEP]
         assert np.array_equal(out[out != 103], ids[out != 103])
 
@@ -64,7 +64,7 @@ def test_drop_frames_fraction_and_order():
     rng = np.random.default_rng(0)
     for n in range(1, 100):
         keep = dp.drop_frames(n, rng)
-        assert len(keep) == n - int(np.floor(0.8 * n)) >= 1        # SPEC §2.4
+        assert len(keep) == n - int(np.floor(0.8 * n)) >= 1        # docs/data.md, 'Frame drop'
         assert np.all(np.diff(keep) > 0) and keep.max() < n
 
 

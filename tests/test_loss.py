@@ -1,4 +1,4 @@
-"""Losses (SPEC §3.6, §4, §5.4-5.5): hand-computed values, slow loop references, precision and gradients."""
+"""Losses (docs/losses.md): hand-computed values, slow loop references, precision and gradients."""
 import math
 
 import pytest
@@ -99,7 +99,7 @@ def test_triplet_rejects_unknown_direction():
         L.triplet_loss(t(TRI_S), t(TRI_IM), direction='i2t')
 
 
-# ============ DTL (SPEC §4.2) ============
+# ============ DTL (docs/losses.md) ============
 
 def test_dtl_hand_value():
     # tau = 1; v = I, teacher c_cross = I, student c_tr = rows swapped.
@@ -172,7 +172,7 @@ def test_dtl_gradients_reference_and_detached_teacher():
     assert (g_v_ref - g_v_det).abs().max() > 1e-3
 
 
-# ============ feature-view distillation (SPEC §4.3) ============
+# ============ feature-view distillation (docs/losses.md) ============
 
 def test_feature_distill_hand_values():
     # x = c_tr - c_cross = [[.4, -.8], [0, 0]]
@@ -194,7 +194,7 @@ def test_feature_distill_gradients():
     assert c_cross.grad is None and c_tr.grad.abs().sum() > 0
 
 
-# ============ InfoNCE (SPEC §5.4) ============
+# ============ InfoNCE (docs/losses.md) ============
 
 def test_info_nce_hand_value():
     # tau = 1; im = (1,0), (0,1); s = (1,0), (.6,.8) -> S = im s^T = [[1, .6], [0, .8]]
@@ -248,7 +248,7 @@ def test_losses_stay_float32_under_bf16_autocast():
         assert g.dtype == torch.float32 and g.item() == pytest.approx(r.item(), rel=1e-6)
 
 
-# ============ adversarial (SPEC §3.6) ============
+# ============ adversarial (docs/losses.md) ============
 
 def test_gan_loss_hand_values():
     # logits (0, 0): log 2 either way

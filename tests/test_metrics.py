@@ -1,4 +1,4 @@
-"""Retrieval metrics (SPEC §7) against a slow, literal reference, hand-computed examples, and fusion (§6.1)."""
+"""Retrieval metrics (docs/evaluation.md) against a slow, literal reference, hand-computed examples, and fusion."""
 import warnings
 
 import numpy as np
@@ -12,7 +12,7 @@ from evaluation import (METRIC_KEYS, compute_metrics, compute_metrics_from_embed
 # ============ slow reference: one stable argsort per query, AP by its definition ============
 
 def reference_metrics(sims, cap2vid):
-    """SPEC §7.3-7.5 written out with loops; ties go to the lower index (stable sort of the errors)."""
+    """docs/evaluation.md written out with loops; ties go to the lower index (stable sort of the errors)."""
     errors = -np.asarray(sims, dtype=np.float64)
     num_captions, num_videos = errors.shape
     out = {}
@@ -202,7 +202,7 @@ def test_bad_arguments_are_refused():
 # ============ normalisation, fusion, table ============
 
 def norm_score_spec(errors):
-    """SPEC §6.1 verbatim, on errors."""
+    """docs/evaluation.md, 'Fusion', verbatim, on errors."""
     s = -errors
     s = s - s.min()
     s = s / s.max()

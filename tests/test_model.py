@@ -215,7 +215,7 @@ def test_fusion_sweeps():
 # ============ original NRCCR release checkpoints ============
 
 def to_release_format(model):
-    """Write our NRCCR's weights with the reference's names (SPEC §3.7), by the documented stems."""
+    """Write our NRCCR's weights with the reference's names (docs/models.md, 'Checkpoint formats'), by the documented stems."""
     parts = [{}, {}, {}, {}, {}]
     for key, value in model.state_dict().items():
         comp, rest = key.split('.', 1)

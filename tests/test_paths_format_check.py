@@ -1,4 +1,4 @@
-"""File naming (SPEC §1.1, §1.6, §1.7) and util/format_check.py."""
+"""File naming (docs/data.md) and util/format_check.py."""
 import subprocess
 import sys
 from pathlib import Path

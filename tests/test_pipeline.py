@@ -37,7 +37,7 @@ def test_training_writes_run_files(finished_run):
 
 
 def test_learning_rate_schedule(finished_run):
-    """SPEC §6: x0.99 every epoch, x0.5 after a non-improving epoch once the counter exceeds 2."""
+    """docs/training.md, 'Schedule': x0.99 every epoch, x0.5 after a non-improving epoch once the counter exceeds 2."""
     records = read_jsonl(os.path.join(finished_run['run_dir'], 'metrics.jsonl'))
     lr, counter = 1e-4, 0
     for r in records:

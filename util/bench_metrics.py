@@ -1,4 +1,4 @@
-"""Timing of the exact retrieval metrics (evaluation.compute_metrics*, SPEC §7). Prints; asserts nothing.
+"""Timing of the exact retrieval metrics (evaluation.compute_metrics*, docs/evaluation.md). Prints; asserts nothing.
 
     python util/bench_metrics.py                                   # CPU; adds CUDA sizes when a GPU is present
     python util/bench_metrics.py --device cuda --sizes 1000000x100000 --dim 512

@@ -6,7 +6,7 @@
     python util/benchmark.py --quick                        # tiny sizes, seconds (the smoke test)
 
 Everything is synthetic and offline, built in a temporary folder: a VATEX-like BigFile (1024-d i3d frames,
-40-80 per video, SPEC §1.2), caption tables of random token ids (10-30 word pieces between [CLS] and [SEP])
+40-80 per video, docs/data.md), caption tables of random token ids (10-30 word pieces between [CLS] and [SEP])
 and BERTs with random weights built from a config dict. Sections:
 
   data   BigFile.read of 64 random frame ids (rows/s); TrainDataset + collate of one batch of 128 on one thread
@@ -57,7 +57,7 @@ ENCODERS = {
 }
 
 # Sizes of a full run and of --quick. Steps: (warm-up, timed) training steps per configuration. The full run
-# keeps the papers' model sizes (SPEC §8); --quick shrinks everything but the BERT, as tests/conftest.py does.
+# keeps the papers' model sizes (docs/training.md); --quick shrinks everything but the BERT, as tests/conftest.py does.
 FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
             assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), model_overrides={},
             cpu_train_batch=16,
@@ -142,7 +142,7 @@ def _cpu_name():
 
 def write_features(feature_dir, num_videos, frames, dim, seed=0, chunk_videos=100):
     """BigFile of `num_videos` videos with U{frames[0]..frames[1]} frames of `dim` random float32 each; frame ids
-    `<video>_<n>` so FrameStore derives video2frames (SPEC §1.3). Written in chunks to bound memory."""
+    `<video>_<n>` so FrameStore derives video2frames (docs/data.md, 'video2frames'). Written in chunks to bound memory."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(frames[0], frames[1] + 1, size=num_videos)
     videos = [f'v{i:06d}xx_{10 * i:06d}_{10 * i + 10:06d}' for i in range(num_videos)]   # VATEX-like ids

@@ -1,7 +1,7 @@
-"""Checkpoint files: atomic save, safe load, RNG state, key clean-up (SPEC §0.5, §3.7, §6.2; STYLE §3.9-10).
+"""Checkpoint files: atomic save, safe load, RNG state, key clean-up (docs/models.md, 'Checkpoint formats'; STYLE §3.9-10).
 
 Our checkpoints are one dict of tensors and plain types, so they load with `torch.load(weights_only=True)`.
-The original NRCCR release format (SPEC §3.7: `model` = list of 5 state dicts, `opt` = argparse.Namespace)
+The original NRCCR release format (docs/models.md: `model` = list of 5 state dicts, `opt` = argparse.Namespace)
 is unpickled with `argparse.Namespace` as the only extra allowed class; any other class is refused.
 """
 import argparse
@@ -131,7 +131,7 @@ def _load_with_allow_list(path, map_location, error):
 
 
 def _is_legacy(saved):
-    """SPEC §3.7 layout: no format_version, `model` = list of 5 state dicts, `opt` = options."""
+    """Original NRCCR release layout (docs/models.md): no format_version, `model` = list of 5 state dicts, `opt` = options."""
     if not isinstance(saved, dict) or 'format_version' in saved:
         return False
     parts = saved.get('model')

@@ -1,9 +1,9 @@
-"""Datasets and collate functions (SPEC §1.6-1.7, §2).
+"""Datasets and collate functions (docs/data.md).
 
 Work happens once, not per item: every caption file is read, paired by (video id, caption index k) and
 tokenised in one batched call of a fast tokenizer when its table is built; features are one memory map;
 `__getitem__` only gathers rows and, for MLCMR training, draws the [MASK] and frame-drop augmentations
-(SPEC §2.3-2.4) from a generator seeded by (seed, epoch, index), so a run is repeatable whatever the
+(docs/data.md, 'MLCMR augmentations') from a generator seeded by (seed, epoch, index), so a run is repeatable whatever the
 number of workers.
 
 Batches are dicts of tensors:
@@ -31,15 +31,15 @@ from basic.video2frames import load_video2frames
 logger = logging.getLogger(__name__)
 
 VIDEO_MAX_LEN = 64
-MASK_RATIO = 0.15          # SPEC §2.3
-FRAME_DROP_RATIO = 0.8     # SPEC §2.4
+MASK_RATIO = 0.15          # docs/data.md, 'MLCMR augmentations'
+FRAME_DROP_RATIO = 0.8     # docs/data.md, 'MLCMR augmentations'
 
 
 # ============ tokenisation ============
 
 @functools.lru_cache(maxsize=4)
 def build_tokenizer(name_or_path, lower_case=True):
-    """The fast WordPiece tokenizer of `name_or_path`. lower_case=True is the parity default (SPEC §2.2:
+    """The fast WordPiece tokenizer of `name_or_path`. lower_case=True is the parity default (docs/data.md, 'Tokenizer':
     mBERT-cased loaded with do_lower_case=True, which also strips accents)."""
     from transformers import BertTokenizerFast
     try:
@@ -50,7 +50,7 @@ def build_tokenizer(name_or_path, lower_case=True):
 
 
 def tokenize(tokenizer, texts, chunk=8192):
-    """Token ids `[CLS] ... [SEP]` per text (no truncation, SPEC §2.2), as int32 arrays."""
+    """Token ids `[CLS] ... [SEP]` per text (no truncation, docs/data.md, 'Tokenizer'), as int32 arrays."""
     out = []
     for i in range(0, len(texts), chunk):
         enc = tokenizer(texts[i:i + chunk], add_special_tokens=True, truncation=False,
@@ -60,7 +60,7 @@ def tokenize(tokenizer, texts, chunk=8192):
 
 
 def _prepare_texts(cf, clean):
-    """Apply SPEC §2.1 English cleaning per the stream's rule ('en', 'raw', or 'auto' by tag)."""
+    """Apply English cleaning (docs/data.md, 'English cleaning') per the stream's rule ('en', 'raw', or 'auto' by tag)."""
     if clean == 'en':
         return [clean_english(t) for t in cf.texts]
     if clean == 'auto':
@@ -83,7 +83,7 @@ class CaptionTable:
 
     @property
     def videos(self):
-        """Distinct videos in first-appearance order of the primary file (SPEC §1.4)."""
+        """Distinct videos in first-appearance order of the primary file (docs/data.md, 'Caption files')."""
         return video_order(self.video_ids)
 
     def cap2vid(self):
@@ -154,7 +154,7 @@ class FrameStore:
 
 
 def cap_frames(frames, max_len=VIDEO_MAX_LEN, sampling='first'):
-    """SPEC §2.5: keep the first `max_len` frames (parity) or `max_len` uniformly spaced ones."""
+    """docs/data.md, 'Video batches': keep the first `max_len` frames (parity) or `max_len` uniformly spaced ones."""
     n = len(frames)
     if n <= max_len:
         return frames
@@ -164,7 +164,7 @@ def cap_frames(frames, max_len=VIDEO_MAX_LEN, sampling='first'):
 
 
 def drop_frames(n, rng, ratio=FRAME_DROP_RATIO):
-    """SPEC §2.4: indices kept after removing floor(ratio·n) distinct frames, in original order (>= 1)."""
+    """docs/data.md, 'Frame drop': indices kept after removing floor(ratio·n) distinct frames, in original order (>= 1)."""
     removed = rng.choice(n, size=int(np.floor(ratio * n)), replace=False)
     keep = np.ones(n, dtype=bool)
     keep[removed] = False
@@ -172,7 +172,7 @@ def drop_frames(n, rng, ratio=FRAME_DROP_RATIO):
 
 
 def mask_tokens(ids, rng, mask_id, ratio=MASK_RATIO):
-    """SPEC §2.3: replace floor(ratio·n) distinct positions from 1..n-2 by [MASK] (never [CLS]/[SEP])."""
+    """docs/data.md, '[MASK] augmentation': replace floor(ratio·n) distinct positions from 1..n-2 by [MASK] (never [CLS]/[SEP])."""
     n = len(ids)
     m = int(np.floor(ratio * n))
     out = ids.copy()
@@ -182,14 +182,14 @@ def mask_tokens(ids, rng, mask_id, ratio=MASK_RATIO):
 
 
 def _video_item(frames, max_len, sampling):
-    """(capped frames, mean over ALL frames) — SPEC §2.5 takes the mean before truncation."""
+    """(capped frames, mean over ALL frames) — docs/data.md, 'Video batches', takes the mean before truncation."""
     return cap_frames(frames, max_len, sampling), frames.mean(axis=0)
 
 
 # ============ datasets ============
 
 class TrainDataset(Dataset):
-    """One item per caption row: its video's frames and every caption stream (SPEC §1.6 / §1.7).
+    """One item per caption row: its video's frames and every caption stream (docs/data.md).
     With `augment` (MLCMR) it adds a frame-dropped video and a masked copy of each stream."""
 
     def __init__(self, table, store, augment=False, mask_id=103, max_frames=VIDEO_MAX_LEN,
@@ -310,7 +310,7 @@ def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, sampler=N
 # ============ what each model reads ============
 
 def train_table(args, tokenizer):
-    """The training caption table of the run's model / mode (SPEC §1.6, §1.7)."""
+    """The training caption table of the run's model / mode (docs/data.md, 'NRCCR caption files', 'MLCMR caption files')."""
     C = args.collection
     if args.model == 'nrccr':
         streams = paths.nrccr_streams(C, 'train', args.data_type)
@@ -325,7 +325,7 @@ def train_table(args, tokenizer):
 
 
 def eval_table(args, split, tokenizer, purpose='test', target_language=None):
-    """Evaluation captions with roles 'primary' and 'second' (SPEC §1.6 val/test, §1.7).
+    """Evaluation captions with roles 'primary' and 'second' (docs/data.md, 'NRCCR caption files', 'MLCMR caption files').
 
     MLCMR validates on `<C><split>.caption.txt` + `<C><split>_zh.caption.txt` whatever the target language
     (the trainer passes split='test' for MSR-VTT, the reference's parity quirk) and tests on the files of

@@ -75,7 +75,7 @@ def _layer_chain(module):
 
 
 def _trainable_bert(bert):
-    """'layers 5–11 trained' etc., from requires_grad of the BERT parameters (SPEC §3.5)."""
+    """'layers 5–11 trained' etc., from requires_grad of the BERT parameters (docs/models.md, 'BERT fine-tuning')."""
     layers = sorted({int(m.group(1)) for n, p in bert.named_parameters()
                      if p.requires_grad and (m := re.match(r'encoder\.layer\.(\d+)\.', n))})
     n_layers = bert.config.num_hidden_layers
@@ -121,7 +121,7 @@ def _tri_note(cfg):
 
 
 def describe_nrccr(m):
-    """Labels and numbers of an NRCCR model (SPEC §3, §4), read from its modules and config.
+    """Labels and numbers of an NRCCR model (docs/models.md, docs/losses.md), read from its modules and config.
 
     Keys: `dims` (numbers read from the modules), `streams` (caption roles), `bert`, `losses`
     ([(weight, term, note)]) and one label string per block of the drawing."""
@@ -135,7 +135,7 @@ def describe_nrccr(m):
                 video_heads=v_attn.heads, text_heads=t_attn.heads, key_size=v_attn.self.query.out_features,
                 video_layers=1 + len(ve.extra_layers), mapping_dim=m.video_mapping.fc1.out_features)
     streams = [s.role for s in paths.nrccr_streams('C', 'train')]
-    # the terms of NRCCR.training_loss (SPEC §4.5), each with the config key that weighs it
+    # the terms of NRCCR.training_loss (docs/losses.md, 'NRCCR objective'), each with the config key that weighs it
     losses = [(1.0, r'Tri($c_{src}$, $v$)', ''),
               (cfg['tri_alpha'], r'Tri($c_{tr}$, $v$)', ''),
               (cfg['dtl_beta'], r'DTL($c_{tr}$ ← $c_{cross}$, $v$)', f'τ={cfg["dtl_tau"]:g}'),
@@ -166,7 +166,7 @@ def describe_nrccr(m):
 
 
 def describe_mlcmr(m):
-    """Labels and numbers of an MLCMR model (SPEC §5), read from its modules and config.
+    """Labels and numbers of an MLCMR model (docs/models.md, docs/losses.md), read from its modules and config.
 
     Keys: `dims`, `streams`, `bert`, `levels` (one label per video level), `losses` (term strings) and one
     label string per block of the drawing."""
@@ -188,7 +188,7 @@ def describe_mlcmr(m):
                   f' → max → {n_kernels * len(kernels)}')
     streams = [s.role for s in paths.mlcmr_streams('C', 'train', cfg['train_mode'])]
     tau = cfg['nce_tau']
-    losses = []                         # the terms of MLCMR.training_loss (SPEC §5.5)
+    losses = []                         # the terms of MLCMR.training_loss (docs/losses.md, 'MLCMR objective')
     for r in streams:
         t, tb = rf'$t_{{{r}}}$', rf'$\bar{{t}}_{{{r}}}$'
         losses.append(f'Tri({t}, $v$)')
@@ -288,7 +288,7 @@ def _loss_box(ax, y0, y1, title, lines, notes):
 
 
 def _draw_nrccr(ax, d):
-    ax.text(0.2, 10.3, 'NRCCR — noise-robust cross-lingual cross-modal retrieval (SPEC §3–4)', fontsize=13,
+    ax.text(0.2, 10.3, 'NRCCR — noise-robust cross-lingual cross-modal retrieval (docs/models.md)', fontsize=13,
             weight='bold', color=INK, va='center')
     y_v, y_src, y_cross, y_tr, y_bt, y_disc = 9.5, 8.35, 7.5, 6.65, 5.85, 5.0
     rows = dict(zip(d['streams'], (y_src, y_tr, y_bt)))
@@ -338,7 +338,7 @@ def _draw_nrccr(ax, d):
 
 
 def _draw_mlcmr(ax, d):
-    ax.text(0.2, 4.3, 'MLCMR — multilingual text-video retrieval baseline (SPEC §5)', fontsize=13,
+    ax.text(0.2, 4.3, 'MLCMR — multilingual text-video retrieval baseline (docs/models.md)', fontsize=13,
             weight='bold', color=INK, va='center')
     y_v, y_va = 3.55, 2.7
     text_rows = (1.6, 0.75) if len(d['streams']) > 1 else (1.2,)

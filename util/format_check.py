@@ -1,4 +1,4 @@
-"""Check that a collection holds everything NRCCR and MLCMR read, in the expected formats (SPEC §1).
+"""Check that a collection holds everything NRCCR and MLCMR read, in the expected formats (docs/data.md).
 
     python util/format_check.py --rootpath ~/VisualSearch --collection vatex
     python util/format_check.py --rootpath toy_data --collection toy --preset toy

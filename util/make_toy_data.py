@@ -1,4 +1,4 @@
-"""Build a small, learnable toy collection in the VisualSearch layout (SPEC §1) with NRCCR/MLCMR file naming.
+"""Build a small, learnable toy collection in the VisualSearch layout (docs/data.md) with NRCCR/MLCMR file naming.
 
     python util/make_toy_data.py --root toy_data                      # default sizes, a few seconds
     python util/make_toy_data.py --root toy_data --n_train 2000 --mt_noise 0.5 --overwrite
@@ -202,7 +202,7 @@ def _video_id(rng):
     core = ''.join(_pick(rng, alphabet) for _ in range(10))
     cut = int(rng.integers(1, 10))
     start = int(rng.integers(0, 300))
-    # a '-' inside the YouTube-like part and '_' both inside the id and before the frame number (SPEC §1.3)
+    # a '-' inside the YouTube-like part and '_' both inside the id and before the frame number (docs/data.md, 'video2frames')
     return f'{core[:cut]}-{core[cut:]}_{start:06d}_{start + 10:06d}'
 
 
@@ -210,7 +210,7 @@ def plan_videos(seed=0, n_train=400, n_val=60, n_test=100):
     """The videos of every split: ids, concept indices (slot -> index into LEXICON[slot]) and frame counts.
 
     Deterministic in (seed, split sizes). Most videos have 8-40 frames; max(1, 5%) per split have 70-90, so the
-    64-frame cap (SPEC §2.5) is exercised. Returns a list of `Video`, train then val then test.
+    64-frame cap (docs/data.md, 'Video batches') is exercised. Returns a list of `Video`, train then val then test.
     """
     videos, seen = [], set()
     for split_no, (split, n) in enumerate(zip(SPLITS, (n_train, n_val, n_test))):
@@ -254,7 +254,7 @@ def video_frames(video, directions, seed, feature_noise):
 # ============ caption files ============
 
 def caption_files(collection):
-    """(split, tag) -> caption file name, as SPEC §1.6/§1.7 name them."""
+    """(split, tag) -> caption file name, as docs/data.md names them."""
     c = collection
     names = {('train', 'enc'): f'{c}train.caption.txt',
              ('train', 'enc2zh'): f'{c}train_google_enc2zh.caption.txt',
@@ -273,7 +273,7 @@ def make_captions(videos, seed, captions_per_video, mt_noise):
     """(split, tag) -> list of (cap_id, text) lines in file order.
 
     English-side files (enc, enc2zh, enc2zh2enc) list videos in plan order; Chinese-side files (zh and the MT
-    made from it) in a shuffled order per split, as in the real VATEX files (SPEC §1.8). Human and MT text
+    made from it) in a shuffled order per split, as in the real VATEX files (docs/data.md). Human and MT text
     come from separate random streams, so `mt_noise` changes only the MT files.
     """
     lines = {}
@@ -319,7 +319,7 @@ def _write_caption_file(path, rows, tag):
 
 def build_vocab():
     """WordPiece vocabulary that covers every caption the generator can write, with mBERT's special ids:
-    [PAD]=0, [unused0..98]=1..99, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103 (SPEC §2.2)."""
+    [PAD]=0, [unused0..98]=1..99, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103 (docs/data.md, 'Tokenizer')."""
     specials = ['[PAD]'] + [f'[unused{i}]' for i in range(99)] + ['[UNK]', '[CLS]', '[SEP]', '[MASK]']
     punct = list('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~') + list('，。！？、：；')
     en_text = ' '.join([c.en for s in SLOTS for c in LEXICON[s]] + list(EN_SCENE_PREP.values())
@@ -395,7 +395,7 @@ def make_toy_collection(root, collection='toy', *, n_train=400, n_val=60, n_test
 
         def write_collection(tmp):
             # features: every frame of every split in one BigFile, rows shuffled so that nothing may rely on
-            # frames being stored in order (readers must sort by int(frame_no), SPEC §1.3)
+            # frames being stored in order (readers must sort by int(frame_no), docs/data.md)
             fdir = os.path.join(tmp, 'FeatureData', FEATURE_NAME)
             directions = concept_directions(seed, dim)
             names = [f'{v.vid}_{n}' for v in videos for n in range(v.nframes)]

@@ -1,4 +1,4 @@
-"""Convert text features to a BigFile (SPEC §1.2).
+"""Convert text features to a BigFile (docs/data.md, 'BigFile').
 
 Each input line is `<id> <v1> ... <vd>`. As in the reference converter, the first line of an id decides
 (later lines with the same id are skipped, even when the first one was dropped) and rows holding a NaN are
@@ -38,7 +38,7 @@ def txt2bin(input_files, feature_dir, ndims=None):
                     fields = line.split()
                     if not fields:
                         continue
-                    name = fields[0].decode('latin-1')      # byte-exact, like id.txt (SPEC §1.2)
+                    name = fields[0].decode('latin-1')      # byte-exact, like id.txt (docs/data.md, 'BigFile')
                     if name in seen:
                         stats['duplicates'] += 1
                         continue
@@ -75,7 +75,7 @@ def txt2bin(input_files, feature_dir, ndims=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Convert "<id> <v1> ... <vd>" text features into a BigFile '
-                                     '(feature.bin, id.txt, shape.txt; SPEC §1.2).')
+                                     '(feature.bin, id.txt, shape.txt; docs/data.md).')
     parser.add_argument('inputs', nargs='+', help='text feature files, read in order')
     parser.add_argument('--output', required=True,
                         help='feature folder to write, e.g. <root>/<C>/FeatureData/<feature>')
