@@ -181,3 +181,18 @@ def test_tester_names_an_empty_test_caption_file(collection, toy_root, tmp_path)
         tester.main(['--rootpath', collection, '--logger_name', run['run_dir'], '--device', 'cpu',
                      '--workers', '0', '--results_dir', str(tmp_path / 'results')])
     assert empty in one_line(str(e.value))
+
+
+def test_derived_half_split_without_captions_is_named(toy_root, tmp_path):
+    """English captions only of video a, Chinese only of video b, and the split gives a to Chinese."""
+    text = tmp_path / 'toy' / 'TextData'
+    text.mkdir(parents=True)
+    (text / 'toytrain.caption.txt').write_text('a#enc#0 a man\n', encoding='utf-8')
+    (text / 'toytrain_zh.caption.txt').write_text('b#zh#0 一个人\n', encoding='utf-8')
+    seed = next(s for s in range(100) if np.random.default_rng(s).permutation(2)[0] == 1)   # English half = {b}
+    tokenizer = dp.build_tokenizer(os.path.join(toy_root, 'tiny_bert'), True)
+    with pytest.raises(DataError) as e:
+        dp.derive_half_table(str(tmp_path), 'toy', tokenizer, seed=seed)
+    assert str(text / 'toytrain.caption.txt') in one_line(str(e.value)) and 'train_half' in str(e.value)
+    other = next(s for s in range(100) if np.random.default_rng(s).permutation(2)[0] == 0)
+    assert len(dp.derive_half_table(str(tmp_path), 'toy', tokenizer, seed=other)) == 2
