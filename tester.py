@@ -68,11 +68,13 @@ def get_args_parser():
 
 
 def load_model(path, bert_name=None):
-    """(model, train_args dict) from one of our checkpoints or an original NRCCR release checkpoint."""
+    """(model, train_args dict) from one of our checkpoints or an original NRCCR / MLCMR release checkpoint."""
     saved = ckpt.load_checkpoint(path)
     if saved.get('legacy'):
-        cfg, state = models.convert_legacy_nrccr(saved, bert_name)
-        train_args = dict(saved['opt'], model='nrccr')
+        kind = saved['legacy_model']
+        convert = models.convert_legacy_mlcmr if kind == 'mlcmr' else models.convert_legacy_nrccr
+        cfg, state = convert(saved, bert_name)
+        train_args = dict(saved['opt'], model=kind)
     else:
         cfg, state, train_args = saved['model_cfg'], saved['model'], saved['args']
     model = models.build_model(cfg)

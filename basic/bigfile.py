@@ -6,7 +6,8 @@ little-endian, row-major, no header).
 
 Unlike the reference (docs/parity.md, 'Defects fixed without a switch'), the folder is validated once on open, the
 features are one memory map (no file opened per frame), `read` gathers in
-request order, and an unknown id is a `DataError` naming it.
+request order, and an unknown id, or a row holding NaN or Inf, is a `DataError`
+naming it.
 """
 import os
 
@@ -84,14 +85,50 @@ class BigFile:
         rows = np.fromiter((self.name2index.get(n, -1) for n in names), dtype=np.int64, count=len(names))
         if (rows < 0).any():
             raise self._unknown(names)
-        return np.asarray(self.data[rows], dtype=np.float32)
+        block = np.asarray(self.data[rows], dtype=np.float32)
+        self._check_finite(block, rows)
+        return block
 
     def read_one(self, name):
         """The row of `name` as a (ndims,) float32 array."""
         i = self.name2index.get(name)
         if i is None:
             raise self._unknown([name])
-        return np.array(self.data[i], dtype=np.float32)
+        row = np.array(self.data[i], dtype=np.float32)
+        self._check_finite(row[None], [i])
+        return row
+
+    def _check_finite(self, block, rows):
+        """A NaN or Inf in the rows just read is a DataError naming feature.bin, the row and its frame id.
+
+        One `np.isfinite` pass over the gathered block: cheap next to the read itself, and it stops corrupt
+        features before they turn into a non-finite loss or NaN similarities far from their cause."""
+        finite = np.isfinite(block)
+        if finite.all():
+            return
+        first = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise self.non_finite_error(int(rows[first]))
+
+    def non_finite_error(self, row, count=None):
+        """The DataError for a NaN / Inf in `row` (`count`: how many bad rows in all, when known)."""
+        more = f' ({count} rows in all)' if count and count > 1 else ''
+        return DataError(f'{os.path.join(self.path, FILES[0])}: row {row} (frame id {self.names[row]}) holds NaN '
+                         f'or Inf values{more}; the features are corrupt: re-extract them (`python '
+                         'util/format_check.py` lists every bad row)')
+
+    def nonfinite_rows(self, chunk_bytes=64 << 20):
+        """Indices of every row holding a NaN or Inf, reading feature.bin sequentially in chunks of about
+        `chunk_bytes` (memory stays bounded whatever the file size)."""
+        bad = []
+        step = max(1, chunk_bytes // (4 * self.ndims))
+        with open(os.path.join(self.path, FILES[0]), 'rb') as f:
+            for start in range(0, self.nrows, step):
+                n = min(step, self.nrows - start)
+                chunk = np.fromfile(f, dtype='<f4', count=n * self.ndims).reshape(n, self.ndims)
+                finite = np.isfinite(chunk)
+                if not finite.all():
+                    bad.extend((start + np.flatnonzero(~finite.all(axis=1))).tolist())
+        return bad
 
 
 class BigFileWriter:

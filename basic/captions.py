@@ -59,7 +59,8 @@ def read_captions(path):
 
     UTF-8 (a BOM is dropped), CRLF or LF, final newline optional, blank lines skipped. Each stripped line
     is split at its first space; runs of spaces inside the text are kept. Bad lines, invalid UTF-8 and a
-    repeated (video id, k) are DataErrors naming `path:line`."""
+    repeated (video id, k) are DataErrors naming `path:line`; a file without any caption is a DataError
+    naming `path`."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -92,6 +93,9 @@ def read_captions(path):
                             f'{first_line[video_id, k]}; each (video, k) may appear once per file, remove one')
         first_line[video_id, k] = line_no
         cf.append(cap_id, caption, video_id, tag, k, line_no)
+    if not cf.cap_ids:
+        raise DataError(f'{path}: no captions (the file is empty or blank); expected one {_ID_FORMAT} per line; '
+                        'restore the file (an interrupted download or copy?)')
     return cf
 
 

@@ -1,4 +1,4 @@
-"""util/distributed.py (STYLE §3.5): single-process no-ops, device resolution, and a real 2-process gloo group."""
+"""util/distributed.py: single-process no-ops, device resolution, and a real 2-process gloo group."""
 import json
 import os
 import socket

@@ -1,8 +1,9 @@
-"""Checkpoint files: atomic save, safe load, RNG state, key clean-up (docs/models.md, 'Checkpoint formats'; STYLE §3.9-10).
+"""Checkpoint files: atomic save, safe load, RNG state, key clean-up (docs/models.md, 'Checkpoint formats').
 
 Our checkpoints are one dict of tensors and plain types, so they load with `torch.load(weights_only=True)`.
-The original NRCCR release format (docs/models.md: `model` = list of 5 state dicts, `opt` = argparse.Namespace)
-is unpickled with `argparse.Namespace` as the only extra allowed class; any other class is refused.
+The original release formats (`model` = a list of state dicts: 5 for NRCCR, docs/models.md, 'Checkpoint formats', 4 for MLCMR;
+`opt` = argparse.Namespace) are unpickled with `argparse.Namespace` (and numpy scalars) as the only extra
+allowed classes; any other class is refused.
 """
 import argparse
 import os
@@ -19,7 +20,10 @@ from basic.errors import DataError
 FORMAT_VERSION = 1
 
 _PREFIXES = ('module.', '_orig_mod.')      # DataParallel/DDP wrapper, torch.compile wrapper
-_LEGACY_PARTS = 5                          # [video enc, text enc, video mapping, text mapping, discriminator]
+# Original release checkpoints, told apart by the length of their `model` list:
+#   NRCCR [video encoder, text encoder, video mapping, text mapping, discriminator]
+#   MLCMR [video encoder, text encoder, video mapping, text mapping]
+_LEGACY_PARTS = {5: 'nrccr', 4: 'mlcmr'}
 
 
 def save_checkpoint(state: dict, path):
@@ -59,7 +63,8 @@ def save_checkpoint(state: dict, path):
 def load_checkpoint(path, map_location='cpu') -> dict:
     """The checkpoint dict at `path`, loaded with `weights_only=True`.
 
-    A file in the original release format comes back with `legacy: True` and `opt` as a plain dict.
+    A file in an original release format comes back with `legacy: True`, `legacy_model` ('nrccr' or
+    'mlcmr') and `opt` as a plain dict.
     Raises DataError (one line naming the file and the fix) for a missing, truncated or corrupt file, a file
     that is not a checkpoint, one written by a newer format, or one that would need other classes unpickled.
     """
@@ -77,11 +82,12 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise DataError(f'{path}: holds a {type(saved).__name__}, not a checkpoint dict; choose another file')
     if _is_legacy(saved):
         opt = saved.get('opt')
-        return dict(saved, opt=vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt), legacy=True)
+        return dict(saved, opt=vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt), legacy=True,
+                    legacy_model=_LEGACY_PARTS[len(saved['model'])])
     version = saved.get('format_version')
     if not isinstance(version, int):
-        raise DataError(f'{path}: not a checkpoint of this code (no format_version) nor an original NRCCR '
-                        'release checkpoint; choose another file')
+        raise DataError(f'{path}: not a checkpoint of this code (no format_version) nor an original NRCCR or '
+                        'MLCMR release checkpoint; choose another file')
     if version > FORMAT_VERSION:
         raise DataError(f'{path}: checkpoint format {version} is newer than this code understands '
                         f'({FORMAT_VERSION}); update the code')
@@ -117,25 +123,26 @@ def _load_with_allow_list(path, map_location, error):
     refused = sorted(needed - _allowed_names())
     if refused:
         raise DataError(f'{path}: refusing to unpickle {", ".join(refused)} (only tensors, plain types and, in '
-                        'original NRCCR release checkpoints, argparse.Namespace are loaded); choose another file '
-                        'or re-download it from a trusted source')
+                        'original NRCCR / MLCMR release checkpoints, argparse.Namespace are loaded); choose another '
+                        'file or re-download it from a trusted source')
     try:
         with torch.serialization.safe_globals(_legacy_allow_list()):
             saved = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise _unreadable(path, e) from e
     if not _is_legacy(saved):
-        raise DataError(f'{path}: contains an argparse.Namespace but is not in the original NRCCR release layout '
-                        f"(a dict with 'model' = list of {_LEGACY_PARTS} state dicts and 'opt'); choose another file")
+        raise DataError(f'{path}: contains an argparse.Namespace but is not in an original release layout (a dict '
+                        "with 'opt' and 'model' = a list of 5 (NRCCR) or 4 (MLCMR) state dicts); choose another file")
     return saved
 
 
 def _is_legacy(saved):
-    """Original NRCCR release layout (docs/models.md): no format_version, `model` = list of 5 state dicts, `opt` = options."""
+    """An original release layout: no format_version, `model` = a list of 5 (NRCCR) or 4 (MLCMR) state
+    dicts, `opt` = the options."""
     if not isinstance(saved, dict) or 'format_version' in saved:
         return False
     parts = saved.get('model')
-    return (isinstance(parts, (list, tuple)) and len(parts) == _LEGACY_PARTS and all(isinstance(p, dict) for p in parts)
+    return (isinstance(parts, (list, tuple)) and len(parts) in _LEGACY_PARTS and all(isinstance(p, dict) for p in parts)
             and isinstance(saved.get('opt'), (argparse.Namespace, dict)))
 
 

@@ -96,6 +96,10 @@ def load_caption_table(rootpath, collection, streams, tokenizer, strict=False):
     files = [read_captions(paths.resolve_stream(rootpath, collection, s)) for s in streams]
     keep, partner_rows = pair_captions(files[0], files[1:], strict=strict)
     primary = files[0]
+    if not keep:
+        raise DataError(f'{primary.path}: none of its {len(primary)} captions has a partner with the same video id '
+                        f'and k in {" and ".join(cf.path for cf in files[1:])}; these files do not belong '
+                        'together: check --collection, --data_type and the file contents')
     tokens = {}
     for j, (stream, cf) in enumerate(zip(streams, files)):
         rows = keep if j == 0 else partner_rows[j - 1]
@@ -124,6 +128,9 @@ def derive_half_table(rootpath, collection, tokenizer, seed=0):
                 cap_ids.append(cap_id)
                 video_ids.append(vid)
                 texts.append(clean_english(text) if lang_is_en else text)
+    if not cap_ids:     # e.g. the English and the Chinese file describe disjoint halves that the split swapped
+        raise DataError(f'{en.path} + {zh.path}: the derived non-parallel split holds no caption; give '
+                        f'{collection}train_half.caption.txt explicitly')
     logger.info('%s not found: derived a non-parallel split from %s and %s (%d videos with English, '
                 '%d with Chinese captions, seed %d)', f'{collection}train_half.caption.txt', en.path,
                 zh.path, len(english_half), len(videos) - len(english_half), seed)

@@ -1,4 +1,4 @@
-"""Device choice and torch.distributed helpers (docs/training.md, 'Distributed training'; STYLE §3.5).
+"""Device choice and torch.distributed helpers (docs/training.md, 'Distributed training').
 
 One entry point, `init_distributed`, called first in `main` (never at import). Launched by torchrun
 (`WORLD_SIZE` > 1) it starts a process group — nccl on CUDA, gloo on CPU; otherwise it starts none and every

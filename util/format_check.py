@@ -5,9 +5,9 @@
 
 Prints one line per item, `OK`, `MISSING` or `BAD` (`OPTIONAL`/`SKIP` lines are not problems) with the
 expected path, then "collection complete" (exit 0) or "N problems" (exit 1). Checked: the feature folder
-(BigFile validation, dims of the preset), video2frames (present and parseable, or derivable from id.txt),
-every caption file of NRCCR train/val/test and MLCMR train (each mode)/val/test (both target languages),
-partner coverage by (video id, k), and that every caption's video has frames.
+(BigFile validation, dims of the preset, no NaN or Inf in feature.bin), video2frames (present and parseable,
+or derivable from id.txt), every caption file of NRCCR train/val/test and MLCMR train (each mode)/val/test
+(both target languages), partner coverage by (video id, k), and that every caption's video has frames.
 """
 import argparse
 import os
@@ -69,7 +69,20 @@ def check_features(report, fdir, dims):
                'check --feature / --preset')
     else:
         report('OK', 'feature folder', f'{fdir} ({bigfile.nrows} frames x {bigfile.ndims} dims)')
+    check_finite(report, bigfile)
     return bigfile
+
+
+def check_finite(report, bigfile):
+    """Every value of feature.bin is finite (read in chunks, so memory stays bounded)."""
+    bad = bigfile.nonfinite_rows()
+    if bad:
+        ids = [f'{bigfile.names[r]} (row {r})' for r in bad]
+        report('BAD', 'feature values', f'{os.path.join(bigfile.path, "feature.bin")}: {len(bad)} rows hold NaN or '
+               f'Inf (first: {_first(ids)}); training and testing stop at the first of them: re-extract '
+               'these frames\' features')
+    else:
+        report('OK', 'feature values', f'all {bigfile.nrows} rows are finite')
 
 
 def check_video2frames(report, fdir, bigfile):
