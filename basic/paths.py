@@ -130,7 +130,7 @@ def mlcmr_streams(collection, split, train_mode='parallel', label_situation='tra
 IMAGE_PRESETS = {
     'multi30k': {'feature': 'clip_vit_b32', 'dims': 512, 'languages': ('de', 'fr', 'cs'), 'tasks': (1, 2)},
     'mscoco': {'feature': 'clip_vit_b32', 'dims': 512, 'languages': ('zh', 'ja'), 'tasks': (1,)},
-    'toyimg': {'feature': 'toy_clip', 'dims': 512, 'languages': ('de', 'fr', 'cs'), 'tasks': (1,)},
+    'toyimg': {'feature': 'toy_clip', 'dims': None, 'languages': ('de', 'fr', 'cs'), 'tasks': (1,)},
 }
 IMAGE_FEATURE_DIMS = {'clip_vit_b32': 512, 'resnet_152': 2048}   # the two encoders' inputs
 TASK2_TRAIN_PREFIX = 'Flickr30ktrain'                           # Multi-30K task 2 training captions
