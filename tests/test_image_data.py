@@ -112,7 +112,7 @@ def test_npy_store_is_a_one_frame_video_store(tmp_path):
     store = idata.ImageStore.from_npy(id_file, npy)
     assert (store.dim, len(store), store.ids, store.path) == (3, 4, ['a', 'b', 'c', 'd'], npy)
     out = store.frames('c')
-    assert out.dtype == np.float32 and out.shape == (1, 3)
+    assert out.dtype == np.float32 and out.shape == (1, 3) and out.flags.writeable   # torch.from_numpy takes it
     np.testing.assert_array_equal(out, [[6, 7, 8]])
     store.check_videos(['a', 'd', 'a'], 'captions.txt')
     with pytest.raises(DataError, match=r'^captions\.txt: 2 images have no features in .*npy \(first: x, y\); extract'):

@@ -141,7 +141,7 @@ class ImageStore:
     def frames(self, image_id):
         """(1, D) float32: the image as a one-frame video."""
         r = self._row[image_id]
-        return np.asarray(self._data[r:r + 1], dtype=np.float32)
+        return np.array(self._data[r:r + 1], dtype=np.float32)      # a writable copy, not a view of the map
 
 
 def load_feature_array(path):
