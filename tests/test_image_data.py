@@ -114,6 +114,8 @@ def test_npy_store_is_a_one_frame_video_store(tmp_path):
     out = store.frames('c')
     assert out.dtype == np.float32 and out.shape == (1, 3) and out.flags.writeable   # torch.from_numpy takes it
     np.testing.assert_array_equal(out, [[6, 7, 8]])
+    id32, npy32 = write_npy_split(str(tmp_path / 'f32'), ['a', 'b'], np.ones((2, 3), np.float32))
+    assert idata.ImageStore.from_npy(id32, npy32).frames('b').flags.writeable     # not a view of the read-only map
     store.check_videos(['a', 'd', 'a'], 'captions.txt')
     with pytest.raises(DataError, match=r'^captions\.txt: 2 images have no features in .*npy \(first: x, y\); extract'):
         store.check_videos(['a', 'x', 'y'], 'captions.txt')
