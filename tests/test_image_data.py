@@ -328,3 +328,18 @@ def test_format_check_multi30k_and_mscoco_name_every_file(tmp_path):
                      f' (or mscocotest_google_{x}2enc.caption.txt)',
                      os.path.join(td, f'mscocotest_{x}_2016.caption.txt') + f' (or mscocotest_{x}.caption.txt)'}
     assert code == 1 and missing == expected
+
+
+def test_make_toy_data_cli_builds_the_image_collection(tmp_path, capsys):
+    from util.make_toy_data import main
+    out = main(['--root', str(tmp_path), '--collection', 'toyimg', '--n_train', '4', '--n_val', '2', '--n_test', '2',
+                '--captions_per_video', '1', '--dim', '8', '--bert_hidden', '16', '--bert_layers', '2',
+                '--languages', 'fr'])
+    printed = capsys.readouterr().out
+    assert out['languages'] == ('fr',) and 'toyimgtest_fr_2016.caption.txt' in printed
+    assert sorted(os.listdir(out['text_dir'])) == sorted(
+        ['toyimgtrain_enc.caption.txt', 'toyimgtrain_google_enc2fr.caption.txt',
+         'toyimgtrain_google_enc2fr2enc.caption.txt', 'toyimgval_google_fr2enc.caption.txt', 'toyimgval_fr.caption.txt',
+         'toyimgtest_google_fr2enc_2016.caption.txt', 'toyimgtest_fr_2016.caption.txt'])
+    assert np.load(os.path.join(out['feature_dir'], 'train-toy_clip-avgpool.npy')).shape == (4, 8)
+    assert os.path.isfile(os.path.join(str(tmp_path), 'tiny_bert_img', 'vocab.txt'))
