@@ -220,6 +220,53 @@ class VideoTransformerEncoder(nn.Module):
         return pool(x, mask, self.masked_pooling)
 
 
+class ImageFeatureEncoder(nn.Module):
+    """ResNet-152 image encoder (docs/models.md, 'Image encoders'): y = ReLU(W x + b), W: D -> D on the
+    pre-extracted pooled feature (2048-d), so the visual mapping reads D dims. Key `proj` as the original."""
+
+    def __init__(self, feat_dim):
+        super().__init__()
+        self.proj = nn.Linear(feat_dim, feat_dim)
+        self.out_dim = feat_dim
+
+    def forward(self, frames, mask):
+        return F.relu(self.proj(image_features(frames, mask)))
+
+
+class ClipEmbeddingEncoder(nn.Module):
+    """CLIP image encoder (docs/models.md, 'Image encoders'): y = W e + b, W: 512 -> video_hidden_size (1024),
+    on the CLIP ViT-B/32 image embedding e (projected, not normalised). The original ran CLIP on the JPEGs every
+    step but cut its gradient (its output was re-wrapped as a new leaf tensor), so embeddings extracted once
+    (util/extract_image_features.py) give the same computation without a CLIP forward per step."""
+
+    def __init__(self, feat_dim, hidden):
+        super().__init__()
+        self.proj = nn.Linear(feat_dim, hidden)
+        self.out_dim = hidden
+
+    def forward(self, frames, mask):
+        return self.proj(image_features(frames, mask))
+
+
+def image_features(frames, mask):
+    """(B, D) image features from the one-frame video batch (B, 1, D): the masked mean over frames, which is
+    the single frame itself."""
+    m = mask.to(frames.dtype).unsqueeze(-1)                   # (B, L, 1)
+    return (frames * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+IMAGE_ENCODERS = ('resnet', 'clip')
+
+
+def build_image_encoder(cfg):
+    kind = cfg['visual_encoder']
+    if kind == 'resnet':
+        return ImageFeatureEncoder(cfg['visual_feat_dim'])
+    if kind == 'clip':
+        return ClipEmbeddingEncoder(cfg['visual_feat_dim'], cfg['video_hidden_size'])
+    raise ValueError(f"unknown visual_encoder {kind!r} ('transformer', 'resnet', 'clip')")
+
+
 class NRCCRTextEncoder(nn.Module):
     """docs/models.md, 'NRCCR text encoder' (`Text_share`): one BERT, one projection, one positional table (250) and one attention
     block shared by every text stream."""
@@ -326,6 +373,7 @@ class NRCCR(RetrievalModel):
         text_num_attention=8, visual_num_attention=8, video_layer=1,
         attn_scale_by_key=False,     # parity: scale by the value head size
         disc_type='weak', disc_residual_on_relu=True,
+        visual_encoder='transformer',  # 'transformer' (frames), 'resnet' or 'clip' (one feature per image)
         tri_alpha=0.6, dtl_beta=0.4, back_w=1.0, l1_gama=1.0, scale=0.001,
         dtl_tau=0.07, smooth_l1_beta=4.0,
         dtl_detach_teacher=False, feat_detach_teacher=False,
@@ -337,12 +385,16 @@ class NRCCR(RetrievalModel):
         bert = build_bert(cfg)
         set_bert_trainable(bert, cfg['frozen'], cfg['trainable_layers'])
         mp = cfg['masked_pooling']
-        self.video_encoder = VideoTransformerEncoder(
-            cfg['visual_feat_dim'], cfg['video_hidden_size'], cfg['visual_num_attention'], cfg['video_layer'],
-            scale_by_key=cfg['attn_scale_by_key'], masked_pooling=mp)
+        if cfg.get('visual_encoder', 'transformer') == 'transformer':   # checkpoints before images lack the key
+            self.video_encoder = VideoTransformerEncoder(
+                cfg['visual_feat_dim'], cfg['video_hidden_size'], cfg['visual_num_attention'], cfg['video_layer'],
+                scale_by_key=cfg['attn_scale_by_key'], masked_pooling=mp)
+        else:
+            self.video_encoder = build_image_encoder(cfg)
         self.text_encoder = NRCCRTextEncoder(bert, cfg['text_hidden_size'], cfg['text_num_attention'],
                                              scale_by_key=cfg['attn_scale_by_key'], masked_pooling=mp)
-        self.video_mapping = MFC(cfg['video_hidden_size'], cfg['mapping_dim'], cfg['mapping_dropout'])
+        self.video_mapping = MFC(getattr(self.video_encoder, 'out_dim', cfg['video_hidden_size']),
+                                 cfg['mapping_dim'], cfg['mapping_dropout'])
         self.text_mapping = MFC(cfg['text_hidden_size'], cfg['mapping_dim'], cfg['mapping_dropout'])
         self.discriminator = Discriminator(bert.config.hidden_size, cfg['disc_type'],
                                            cfg['disc_residual_on_relu'], masked_pooling=mp)

@@ -2,6 +2,7 @@
 
     python util/format_check.py --rootpath ~/VisualSearch --collection vatex
     python util/format_check.py --rootpath toy_data --collection toy --preset toy
+    python util/format_check.py --rootpath ~/VisualSearch --collection multi30k --feature resnet_152 --task 1
 
 Prints one line per item, `OK`, `MISSING` or `BAD` (`OPTIONAL`/`SKIP` lines are not problems) with the
 expected path, then "collection complete" (exit 0) or "N problems" (exit 1). Checked: the feature folder
@@ -180,15 +181,117 @@ def check_frames(report, loaded, v2f):
         report('OK', 'frames', f'every caption video of the {len(files)} caption files has frames')
 
 
+# ============ image collections (Multi-30K, MSCOCO, toyimg) ============
+
+def image_caption_configs(collection, data_types, tasks):
+    """(label, streams, split, data_type) for every caption set NRCCR reads on an image collection."""
+    out = []
+    for dt in data_types:
+        for task in tasks:
+            for split in paths.SPLITS:
+                if split != 'train' and task == 2 and paths.image_suffix(dt, 1) == '':
+                    continue                    # task 2 val/test files are the task 1 ones but for German
+                label = f'NRCCR {split} {paths.image_target(dt)[1]}' + (f' task {task}' if len(tasks) > 1 else '')
+                out.append((label, paths.image_streams(collection, split, dt, task), split, dt))
+    return out
+
+
+def check_image_features(report, rootpath, collection, feature, data_types, dims):
+    """Feature store of every (split, language): a BigFile (split id files optional) or id file + .npy.
+    Returns {(split, data_type): ImageStore or None}."""
+    from util.image_data import ImageStore, has_bigfile, read_image_ids
+    fdir = paths.feature_dir(rootpath, collection, feature)
+    bigfile = check_features(report, fdir, dims) if has_bigfile(fdir) else None
+    stores, seen = {}, {}
+    for split in paths.SPLITS:
+        for dt in data_types:
+            id_file = paths.image_id_file(rootpath, collection, split, feature, dt)
+            candidates = paths.image_npy_candidates(rootpath, collection, split, feature, dt)
+            npy = next((p for p in candidates if os.path.isfile(p)), None)
+            key = (id_file, npy)
+            if key in seen:
+                stores[split, dt] = seen[key]
+                continue
+            store = None
+            try:
+                if has_bigfile(fdir):
+                    if bigfile is not None:
+                        store = ImageStore.from_bigfile(fdir, id_file if os.path.isfile(id_file) else None)
+                        report('OK', f'{split} images', f'{id_file if os.path.isfile(id_file) else fdir} '
+                               f'({len(store)} images with features)')
+                elif not os.path.isfile(id_file):
+                    report('MISSING', f'{split} image ids', id_file)
+                elif npy is None:
+                    report('MISSING', f'{split} features', candidates[0] + ''.join(f' (or {os.path.basename(c)})'
+                                                                                  for c in candidates[1:]))
+                    report('OK', f'{split} image ids', f'{id_file} ({len(read_image_ids(id_file))} ids)')
+                else:
+                    store = ImageStore.from_npy(id_file, npy)
+                    if dims is not None and store.dim != dims:
+                        report('BAD', f'{split} features', f'{npy}: {store.dim} dims, the preset expects {dims}; '
+                               'check --feature / --preset')
+                    else:
+                        report('OK', f'{split} features', f'{npy} + {os.path.basename(id_file)} '
+                               f'({len(store)} images x {store.dim} dims)')
+            except DataError as e:
+                report('BAD', f'{split} features', str(e))
+                store = None
+            seen[key] = stores[split, dt] = store
+    return stores
+
+
+def check_image_frames(report, configs, loaded, stores):
+    """Every caption's image must have features in its split's store."""
+    checked, bad = set(), 0
+    for label, streams, split, dt in configs:
+        store = stores.get((split, dt))
+        for s in streams:
+            cf = loaded.get(s.candidates)
+            if store is None or cf is None or (cf.path, id(store)) in checked:
+                continue
+            checked.add((cf.path, id(store)))
+            missing = [v for v in dict.fromkeys(cf.video_ids) if v not in store]
+            if missing:
+                bad += 1
+                report('BAD', 'image features', f'{len(missing)} images of {cf.path} have no features in '
+                       f'{store.path} (first: {_first(missing)}); extract them or check the id file')
+    if checked and not bad:
+        report('OK', 'image features', f'every caption image of {len(checked)} caption files has features')
+
+
+def image_main(args, out, preset_name):
+    """format_check of an image collection: every language of the preset (or --data_type) and task."""
+    preset = paths.IMAGE_PRESETS.get(preset_name, {})
+    feature = args.feature or preset.get('feature') or 'clip_vit_b32'
+    dims = paths.IMAGE_FEATURE_DIMS.get(feature, preset.get('dims') if feature == preset.get('feature') else None)
+    languages = preset.get('languages', ())
+    data_types = [args.data_type] if args.data_type else [f'google_enc2{x}' for x in languages]
+    tasks = [args.task] if args.task else list(preset.get('tasks', (1,)))
+    report = _Report(out)
+    print(f'checking {paths.collection_dir(args.rootpath, args.collection)} (image collection, feature {feature}, '
+          f'preset {preset_name or "none"}, {", ".join(data_types)}, task {", ".join(map(str, tasks))})', file=out)
+    configs = image_caption_configs(args.collection, data_types, tasks)
+    stores = check_image_features(report, args.rootpath, args.collection, feature, data_types, dims)
+    loaded = check_captions(report, args.rootpath, args.collection, [(c[0], c[1]) for c in configs])
+    check_partners(report, [(c[0], c[1]) for c in configs], loaded)
+    check_image_frames(report, configs, loaded, stores)
+    n = report.problems
+    print('collection complete' if n == 0 else f'{n} problem{"s" if n > 1 else ""}', file=out)
+    return 0 if n == 0 else 1
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser('format_check', description=__doc__.split('\n')[0])
     parser.add_argument('--rootpath', default=os.path.join(os.path.expanduser('~'), 'VisualSearch'),
                         help='VisualSearch root (default $HOME/VisualSearch)')
     parser.add_argument('--collection', required=True, help='collection folder, e.g. vatex, msrvttcn, toy')
-    parser.add_argument('--preset', choices=sorted(paths.PRESETS), default=None,
+    parser.add_argument('--preset', choices=sorted(paths.PRESETS) + sorted(paths.IMAGE_PRESETS), default=None,
                         help='feature name and dims to expect (default: the collection name when it is a preset)')
     parser.add_argument('--feature', default=None, help="feature folder name (default: the preset's)")
-    parser.add_argument('--data_type', default='google_enc2zh', help='NRCCR data_type (default google_enc2zh)')
+    parser.add_argument('--data_type', default=None,
+                        help='NRCCR data_type (default google_enc2zh; image presets: every language of the preset)')
+    parser.add_argument('--task', type=int, choices=(1, 2), default=None,
+                        help='Multi-30K task to check (default: both)')
     parser.add_argument('--mlcmr_val_split', choices=('val', 'test'), default=None,
                         help='split of the MLCMR validation files (default: test for msrvtt* collections, the '
                              "reference's parity quirk, else val)")
@@ -199,7 +302,14 @@ def main(argv=None, out=None):
     out = out or sys.stdout
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    preset_name = args.preset or (args.collection if args.collection in paths.PRESETS else None)
+    preset_name = args.preset or (args.collection if args.collection in {**paths.PRESETS, **paths.IMAGE_PRESETS}
+                                  else None)
+    if preset_name in paths.IMAGE_PRESETS:
+        try:
+            return image_main(args, out, preset_name)
+        except ValueError as e:
+            parser.error(str(e))
+    args.data_type = args.data_type or 'google_enc2zh'
     preset = paths.PRESETS.get(preset_name, {'feature': None, 'dims': None})
     feature = args.feature or preset['feature']
     if feature is None:

@@ -337,15 +337,16 @@ def build_vocab():
     return vocab
 
 
-def write_tiny_bert(bert_dir, seed=0, hidden=64, layers=12):
+def write_tiny_bert(bert_dir, seed=0, hidden=64, layers=12, vocab=None):
     """A randomly initialised BertModel + vocab.txt that `from_pretrained(bert_dir)` loads offline.
 
     12 layers by default so the reference layer lists (layer.5 .. layer.11) still name the top layers.
+    `vocab` defaults to the video toy's (`build_vocab()`).
     """
     import torch
     from transformers import BertConfig, BertModel
 
-    vocab = build_vocab()
+    vocab = vocab or build_vocab()
     os.makedirs(bert_dir, exist_ok=True)
     with open(os.path.join(bert_dir, 'vocab.txt'), 'w', encoding='utf-8', newline='\n') as f:
         f.write('\n'.join(vocab) + '\n')
@@ -430,18 +431,233 @@ def _build_then_replace(final_dir, build):
     os.replace(tmp, final_dir)
 
 
+# ============ the toy image collection (Multi-30K-style naming, task 1) ============
+# Three target languages; each concept of LEXICON has a word (or phrase) per language, in LEXICON's order.
+IMAGE_FEATURE_NAME = 'toy_clip'
+IMAGE_BERT_DIR_NAME = 'tiny_bert_img'
+IMAGE_LANGUAGES = ('de', 'fr', 'cs')
+IMG_LEXICON = {
+    'de': dict(
+        subject=('Mann', 'Frau', 'Junge', 'Mädchen', 'Koch', 'Tänzer', 'Hund', 'Katze', 'Bauer', 'Student',
+                 'Soldat', 'Jugendlicher'),
+        action=('läuft', 'springt', 'tanzt', 'kocht', 'schwimmt', 'singt', 'spielt Gitarre', 'fährt Fahrrad',
+                'malt', 'liest ein Buch', 'klettert', 'wirft einen Ball'),
+        scene=('im Park', 'in der Küche', 'am Strand', 'auf der Straße', 'im Fitnessstudio', 'im Klassenzimmer',
+               'im Wald', 'auf der Bühne', 'am See', 'im Garten', 'im Büro', 'im Schnee'),
+        colour=('Rot', 'Blau', 'Grün', 'Gelb', 'Schwarz', 'Weiß'),
+        colour_phrase=('in {c}', 'ganz in {c}'), det=('ein', 'der', 'dieser', ''),
+        human=('{d} {s} {c} {a} {p}', 'ein Bild: {d} {s} {c} {a} {p}', '{p} {a} {d} {s} {c}',
+               'hier {a} {d} {s} {c} {p}'),
+        mt=('{d} {s} {c} {a} {p}', '{s} {a} {p} {c}'), nobody='jemand'),
+    'fr': dict(
+        subject=('homme', 'femme', 'garçon', 'fille', 'cuisinier', 'danseur', 'chien', 'chat', 'fermier',
+                 'étudiant', 'soldat', 'adolescent'),
+        action=('court', 'saute', 'danse', 'cuisine', 'nage', 'chante', 'joue de la guitare', 'fait du vélo',
+                'peint', 'lit un livre', 'grimpe', 'lance une balle'),
+        scene=('dans le parc', 'dans la cuisine', 'sur la plage', 'dans la rue', 'à la salle de sport',
+               'dans la classe', 'dans la forêt', 'sur la scène', 'au bord du lac', 'dans le jardin',
+               'au bureau', 'dans la neige'),
+        colour=('rouge', 'bleu', 'vert', 'jaune', 'noir', 'blanc'),
+        colour_phrase=('en {c}', 'habillé en {c}'), det=('un', 'le', 'ce', ''),
+        human=('{d} {s} {c} {a} {p}', 'une photo : {d} {s} {c} {a} {p}', '{p} , {d} {s} {c} {a}',
+               'voici {d} {s} {c} qui {a} {p}'),
+        mt=('{d} {s} {c} {a} {p}', '{s} {a} {p} {c}'), nobody="quelqu'un"),
+    'cs': dict(
+        subject=('muž', 'žena', 'chlapec', 'dívka', 'kuchař', 'tanečník', 'pes', 'kočka', 'farmář', 'student',
+                 'voják', 'mladík'),
+        action=('běží', 'skáče', 'tančí', 'vaří', 'plave', 'zpívá', 'hraje na kytaru', 'jede na kole', 'maluje',
+                'čte knihu', 'leze', 'hází míč'),
+        scene=('v parku', 'v kuchyni', 'na pláži', 'na ulici', 'v posilovně', 've třídě', 'v lese', 'na pódiu',
+               'u jezera', 'na zahradě', 'v kanceláři', 'na sněhu'),
+        colour=('červeně', 'modře', 'zeleně', 'žlutě', 'černě', 'bíle'),
+        colour_phrase=('oblečený {c}', 'celý {c}'), det=('jeden', 'ten', ''),
+        human=('{d} {s} {c} {a} {p}', 'na obrázku {d} {s} {c} {a} {p}', '{p} {a} {d} {s} {c}',
+               'tady {d} {s} {c} {a} {p}'),
+        mt=('{d} {s} {c} {a} {p}', '{s} {a} {p} {c}'), nobody='někdo'),
+}
+
+
+def render_lang(lang, concepts, rng, mt=False, scramble=False):
+    """A caption in one of the toy image languages; `mt` uses the literal MT templates."""
+    lex = IMG_LEXICON[lang]
+    words = {s: (lex[s][i] if i is not None else '') for s, i in concepts.items()}
+    subject = words['subject'] or lex['nobody']
+    colour = _pick(rng, lex['colour_phrase']).format(c=words['colour']) if words['colour'] else ''
+    det = _pick(rng, lex['det']) if words['subject'] else ''
+    if scramble:
+        chunks = [x for x in (f'{det} {subject} {colour}', words['action'], words['scene']) if x.strip()]
+        text = ' '.join(chunks[i] for i in rng.permutation(len(chunks)))
+    else:
+        text = _pick(rng, lex['mt'] if mt else lex['human']).format(d=det, s=subject, c=colour,
+                                                                   a=words['action'], p=words['scene'])
+    text = _tidy(text)
+    text = text[:1].upper() + text[1:]
+    return text + ('.' if rng.random() < (0.7 if mt else 0.4) else '')
+
+
+def build_image_vocab(languages=IMAGE_LANGUAGES):
+    """The video toy's vocabulary plus every word the toy image captions can contain, written as the
+    lower-casing, accent-stripping mBERT tokenizer sees them."""
+    import unicodedata
+
+    def normalise(word):
+        return ''.join(ch for ch in unicodedata.normalize('NFD', word.lower()) if unicodedata.category(ch) != 'Mn')
+    vocab = build_vocab()
+    known = set(vocab)
+    for lang in languages:
+        lex = IMG_LEXICON[lang]
+        text = ' '.join([w for slot in SLOTS for w in lex[slot]] + list(lex['colour_phrase'] + lex['det'] +
+                                                                        lex['human'] + lex['mt']) + [lex['nobody']])
+        for word in re.findall(r"[^\W\d_]+", re.sub(r'\{\w+\}', ' ', text)):
+            w = normalise(word)
+            if w not in known:
+                known.add(w)
+                vocab.append(w)
+    return vocab
+
+
+def plan_images(seed=0, n_train=400, n_val=60, n_test=100):
+    """[(split, index, image id, concepts)] with unique Flickr-like numeric ids, train then val then test."""
+    out, seen = [], set()
+    for split_no, (split, n) in enumerate(zip(SPLITS, (n_train, n_val, n_test))):
+        rng = np.random.default_rng([seed, 10, split_no])
+        for i in range(n):
+            image_id = str(int(rng.integers(10 ** 8, 10 ** 10)))
+            while image_id in seen:
+                image_id = str(int(rng.integers(10 ** 8, 10 ** 10)))
+            seen.add(image_id)
+            out.append(Video(split, i, image_id, {s: int(rng.integers(len(LEXICON[s]))) for s in SLOTS}, 1))
+    return out
+
+
+def image_feature(image, directions, seed, feature_noise):
+    """(dim,) float32 CLIP-like feature: sum_slot w_slot d[slot, c_slot] + N(0, feature_noise^2) noise."""
+    rng = np.random.default_rng([seed, 11, SPLITS.index(image.split), image.index])
+    base = sum(SLOT_WEIGHTS[s] * directions[s][image.concepts[s]] for s in SLOTS)
+    return (base + feature_noise * rng.standard_normal(base.shape[0])).astype(np.float32)
+
+
+def image_caption_lines(images, seed, captions_per_image, mt_noise, languages, collection):
+    """{file name: [(cap_id, text)]} for every caption file NRCCR reads, named as basic/paths.py names them."""
+    from basic import paths
+    files = {}
+    for split_no, split in enumerate(SPLITS):
+        imgs = [im for im in images if im.split == split]
+        for lang in languages:
+            data_type = f'google_enc2{lang}'
+            streams = {s.role: s.candidates[0] for s in paths.image_streams(collection, split, data_type, 1)}
+            for name in streams.values():
+                files.setdefault(name, [])
+            lang_no = IMAGE_LANGUAGES.index(lang) if lang in IMAGE_LANGUAGES else len(IMAGE_LANGUAGES)
+            for im in imgs:
+                human = np.random.default_rng([seed, 12, split_no, im.index])      # the same English everywhere
+                target = np.random.default_rng([seed, 13, split_no, im.index, lang_no])
+                mt = np.random.default_rng([seed, 14, split_no, im.index, lang_no])
+                for k in range(captions_per_image):
+                    en_c = human_content(im.concepts, human)
+                    en_text = render_en_human(en_c, human)
+                    cid = f'{im.vid}.jpg#{{}}#{k}'
+                    if split == 'train':
+                        if lang == languages[0]:
+                            files[streams['src']].append((cid.format('enc'), en_text))
+                        tr_c, scramble = translate(en_c, mt, mt_noise)
+                        files[streams['tr']].append((cid.format(f'enc2{lang}'), render_lang(lang, tr_c, mt, True,
+                                                                                            scramble)))
+                        bt_c, scramble = translate(tr_c, mt, mt_noise)
+                        files[streams['bt']].append((cid.format(f'enc2{lang}2enc'), render_en_mt(bt_c, mt, scramble)))
+                    else:
+                        xx_c = human_content(im.concepts, target)
+                        files[streams['second']].append((cid.format(lang), render_lang(lang, xx_c, target)))
+                        back_c, scramble = translate(xx_c, mt, mt_noise)
+                        files[streams['primary']].append((cid.format(f'{lang}2enc'), render_en_mt(back_c, mt,
+                                                                                                  scramble)))
+    return files
+
+
+def make_toy_image_collection(root, collection='toyimg', *, n_train=400, n_val=60, n_test=100, captions_per_image=3,
+                              dim=512, feature_noise=1.0, mt_noise=0.3, languages=IMAGE_LANGUAGES, seed=0,
+                              bert_hidden=64, bert_layers=12, overwrite=False):
+    """Write the toy image collection `root/collection` (Multi-30K task 1 naming, one CLIP-like feature per
+    image in the released `.npy` layout) and its tiny BERT `root/tiny_bert_img`.
+
+    Every image has `captions_per_image` English captions and, per target language xx, their machine
+    translations (enc2xx) and back-translations (enc2xx2enc) for training; validation and test images have
+    human xx captions (written independently of the English ones) and their noisy MT into English (xx2enc).
+    Returns the same kind of dict as make_toy_collection."""
+    from basic import paths
+    for name, value in dict(n_train=n_train, n_val=n_val, n_test=n_test, captions_per_image=captions_per_image,
+                            dim=dim, bert_hidden=bert_hidden, bert_layers=bert_layers).items():
+        if value < 1:
+            raise ValueError(f'{name} must be >= 1, got {value}')
+    unknown = [x for x in languages if x not in IMG_LEXICON]
+    if unknown or not languages:
+        raise ValueError(f'languages must be some of {", ".join(IMG_LEXICON)}, got {", ".join(languages) or "none"}')
+    if not 0.0 <= mt_noise <= 1.0 or feature_noise < 0:
+        raise ValueError(f'need 0 <= mt_noise <= 1 and feature_noise >= 0, got {mt_noise}, {feature_noise}')
+    coll_dir = os.path.join(root, collection)
+    feature_dir = paths.feature_dir(root, collection, IMAGE_FEATURE_NAME)
+    bert_dir = os.path.join(root, IMAGE_BERT_DIR_NAME)
+    out = dict(collection_dir=coll_dir, feature_dir=feature_dir, text_dir=paths.text_dir(root, collection),
+               bert_dir=bert_dir, written={'collection': False, 'bert': False}, languages=tuple(languages),
+               feature=IMAGE_FEATURE_NAME)
+    out['captions'] = {s.candidates[0]: os.path.join(out['text_dir'], s.candidates[0])
+                       for lang in languages for split in SPLITS
+                       for s in paths.image_streams(collection, split, f'google_enc2{lang}', 1)}
+
+    if overwrite or not os.path.exists(coll_dir):
+        images = plan_images(seed, n_train, n_val, n_test)
+        lines = image_caption_lines(images, seed, captions_per_image, mt_noise, tuple(languages), collection)
+
+        def write_collection(tmp):
+            directions = concept_directions(seed, dim)
+            for split in SPLITS:
+                imgs = [im for im in images if im.split == split]
+                # id files list images in another order than the captions, as nothing may rely on it
+                order = np.random.default_rng([seed, 15, SPLITS.index(split)]).permutation(len(imgs))
+                id_file = paths.image_id_file(tmp, '', split, IMAGE_FEATURE_NAME)
+                npy = paths.image_npy_candidates(tmp, '', split, IMAGE_FEATURE_NAME)[0]
+                os.makedirs(os.path.dirname(npy), exist_ok=True)
+                with open(id_file, 'w', newline='\n') as f:
+                    f.write(''.join(f'{imgs[i].vid}\n' for i in order))
+                np.save(npy, np.stack([image_feature(imgs[i], directions, seed, feature_noise) for i in order]))
+            text = os.path.join(tmp, 'TextData')
+            os.makedirs(text)
+            for name, rows in lines.items():
+                with open(os.path.join(text, name), 'w', encoding='utf-8', newline='\n') as f:
+                    f.write(''.join(f'{cap_id} {t}\n' for cap_id, t in rows))
+
+        _build_then_replace(coll_dir, write_collection)
+        out['written']['collection'] = True
+
+    if overwrite or not os.path.exists(bert_dir):
+        vocab = build_image_vocab()
+        _build_then_replace(bert_dir, lambda tmp: write_tiny_bert(tmp, seed, bert_hidden, bert_layers, vocab))
+        out['written']['bert'] = True
+    return out
+
+
+def is_image_toy(collection):
+    return collection.startswith('toyimg')
+
+
 def get_args_parser():
     p = argparse.ArgumentParser('make_toy_data', description=__doc__.split('\n')[0])
     g = p.add_argument_group('Where')
     g.add_argument('--root', required=True, help='VisualSearch-style root to write into')
-    g.add_argument('--collection', default='toy', help='collection name, also the caption-file prefix (default toy)')
+    g.add_argument('--collection', default='toy',
+                   help='collection name, also the caption-file prefix (default toy); a name starting with toyimg '
+                        'makes the toy image collection (Multi-30K naming, tiny BERT in ROOT/tiny_bert_img)')
     g.add_argument('--overwrite', action='store_true', help='rewrite folders that already exist')
     g = p.add_argument_group('Sizes')
     g.add_argument('--n_train', type=int, default=400, help='training videos (default 400)')
     g.add_argument('--n_val', type=int, default=60, help='validation videos (default 60)')
     g.add_argument('--n_test', type=int, default=100, help='test videos (default 100)')
-    g.add_argument('--captions_per_video', type=int, default=5, help='captions per video per file (default 5; VATEX has 10)')
-    g.add_argument('--dim', type=int, default=128, help='frame-feature dims (default 128; VATEX i3d has 1024)')
+    g.add_argument('--captions_per_video', type=int, default=None,
+                   help='captions per video (image) per file (default 5, images 3; VATEX has 10)')
+    g.add_argument('--dim', type=int, default=None,
+                   help='feature dims (default 128, images 512 as CLIP ViT-B/32; VATEX i3d has 1024)')
+    g.add_argument('--languages', nargs='+', default=list(IMAGE_LANGUAGES),
+                   help=f'toy image collection only: target languages (default {" ".join(IMAGE_LANGUAGES)})')
     g = p.add_argument_group('Difficulty')
     g.add_argument('--feature_noise', type=float, default=1.0,
                    help='per-element std of frame noise; concept directions have unit per-element variance (default 1.0)')
@@ -458,9 +674,14 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     start = time.time()
-    kwargs = {k: v for k, v in vars(args).items() if k not in ('root', 'collection')}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ('root', 'collection', 'languages') and v is not None}
     try:
-        out = make_toy_collection(args.root, args.collection, **kwargs)
+        if is_image_toy(args.collection):
+            if 'captions_per_video' in kwargs:
+                kwargs['captions_per_image'] = kwargs.pop('captions_per_video')
+            out = make_toy_image_collection(args.root, args.collection, languages=tuple(args.languages), **kwargs)
+        else:
+            out = make_toy_collection(args.root, args.collection, **kwargs)
     except ValueError as e:
         sys.exit(f'make_toy_data: {e}')
     for key, path in (('collection', out['collection_dir']), ('bert', out['bert_dir'])):
@@ -468,7 +689,7 @@ def main(argv=None):
             print(f'wrote {path}')
             if key == 'collection':
                 print(f'  features  {out["feature_dir"]}')
-                for p in sorted(set(out['captions'].values())):
+                for p in sorted(set(out['captions'].values()) if 'captions' in out else []):
                     print(f'  captions  {p}')
         else:
             print(f'{path} exists, left alone (pass --overwrite to rebuild it)')
