@@ -46,7 +46,7 @@ def write_video(path, rgb, seconds=3.0, fps=8, size=48, seed=0):
             container.mux(packet)
 
 
-def plan(per_colour=4, seed=0):
+def plan(per_colour=8, seed=0):
     """[(video id, split, colour index)]: ids shuffled so that they say nothing about the colour."""
     if per_colour < 3:
         raise ValueError('per_colour must be >= 3 (train, val and test need one video each)')
@@ -84,7 +84,7 @@ def write_captions(text_dir, videos, collection=COLLECTION, captions_per_video=3
                 f.write(''.join(f'{vid}#{tag}#{k} {text}\n' for vid, k, text in rows[split]))
 
 
-def make_demo(root, per_colour=4, seconds=3.0, fps=8, size=48, seed=0, collection=COLLECTION):
+def make_demo(root, per_colour=8, seconds=3.0, fps=8, size=48, seed=0, collection=COLLECTION):
     """Write the demo under `root`; returns a dict of its paths and the plan [(video id, split, colour)]."""
     from util.clip_encoder import save_tiny_clip
     from util.make_toy_data import write_tiny_bert
@@ -109,7 +109,7 @@ def make_demo(root, per_colour=4, seconds=3.0, fps=8, size=48, seed=0, collectio
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--root', required=True, help='folder to write the demo into')
-    p.add_argument('--per_colour', type=int, default=4, help='videos per colour (4: 2 train, 1 val, 1 test)')
+    p.add_argument('--per_colour', type=int, default=8, help='videos per colour (8: 6 train, 1 val, 1 test)')
     p.add_argument('--seconds', type=float, default=3.0, help='video length (3 s)')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
