@@ -166,3 +166,12 @@ def test_videos_to_search_results(tmp_path, capsys):
     correct = sum(got == i % len(COLOURS) for i, got in enumerate(top1))
     # chance: 1 in 6 colours, i.e. 2 of 12 queries; a working pipeline gets most of them
     assert correct >= 9, (correct, top1)
+
+
+def test_bench_search_quick_smoke():
+    from util import bench_search
+    rows = bench_search.run(quick=True, indexes=('exact',), log=lambda *_: None)
+    names = [r[0] for r in rows]
+    assert names == ['index_videos_per_s', 'search_exact_1000', 'query_exact_1000', 'search_exact_5000',
+                     'query_exact_5000']
+    assert all(r[1] > 0 for r in rows)

@@ -4,6 +4,7 @@
 
 writes (nothing is downloaded; needs PyAV, `pip install av`)
     demo/videos/demoNNN.mp4             short videos, each one solid colour with a small moving grey square
+    demo/video_colours.txt              video id, split and colour of each video (to check search results)
     demo/colours/TextData/*.caption.txt captions naming the colour in English and Chinese, in the naming of
                                         docs/data.md ('Captions'): train / val / test splits, for NRCCR and MLCMR
     demo/tiny_clip/                     a tiny random CLIP vision model (util/clip_encoder.save_tiny_clip)
@@ -95,6 +96,8 @@ def make_demo(root, per_colour=8, seconds=3.0, fps=8, size=48, seed=0, collectio
         path = os.path.join(video_dir, f'{vid}.mp4')
         if not os.path.exists(path):
             write_video(path, COLOURS[c][2], seconds, fps, size, seed=[seed, int(vid[4:])])
+    with open(os.path.join(root, 'video_colours.txt'), 'w', encoding='utf-8') as f:
+        f.write(''.join(f'{vid} {split} {COLOURS[c][0]} {COLOURS[c][1]}\n' for vid, split, c in videos))
     text_dir = os.path.join(root, collection, 'TextData')
     write_captions(text_dir, videos, collection)
     clip_dir, bert_dir = os.path.join(root, 'tiny_clip'), os.path.join(root, 'tiny_bert')
