@@ -1,0 +1,161 @@
+"""Search the videos of a feature folder by text with a trained NRCCR or MLCMR checkpoint (docs/search.md).
+
+    python search.py --checkpoint RUN_DIR --query "一只狗在冲浪" --query "a dog surfing"
+    python search.py --checkpoint RUN_DIR --rootpath ~/VisualSearch --collection mine --feature clip_b32 \\
+        --queries_file queries.txt --json
+    python search.py --checkpoint RUN_DIR --feature_dir path/to/FeatureData/clip_b32      # then type queries
+
+Queries come from --query (repeatable), --queries_file (one per line; `-` = stdin; `query<TAB>english` adds an
+English text to fuse with the query) or, when neither is given, an interactive prompt (`query || english`).
+--second (repeatable, one per --query) gives the English texts on the command line. The gallery is every video
+of the feature folder (or of --split's caption files), encoded once and cached beside the run; rules for
+tokenising, fusing and ranking, and when the ranking equals the tester's, are in util/searcher.py.
+"""
+import argparse
+import json
+import logging
+import sys
+
+from basic.errors import DataError
+from util import runs
+from util.searcher import CLEAN_RULES, Searcher
+
+logger = logging.getLogger('mlcmr')
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser('MLCMR search', add_help=False)
+    g = p.add_argument_group('Model and gallery')
+    g.add_argument('--checkpoint', required=True,
+                   help='checkpoint file, run folder, or a folder with exactly one model_best.pth.tar below')
+    g.add_argument('--rootpath', default=None, help='VisualSearch root (default: the run\'s, else ~/VisualSearch)')
+    g.add_argument('--collection', default=None, help='collection holding the videos (default: the run\'s)')
+    g.add_argument('--feature', default=None, help='feature folder name under FeatureData (default: the run\'s)')
+    g.add_argument('--feature_dir', default=None, help='explicit feature folder (overrides the three above)')
+    g.add_argument('--split', default=None,
+                   help='gallery = the videos of this split\'s caption files (e.g. test), as the tester reads them')
+    g.add_argument('--bert_name', default=None, help='tokenizer folder or hub id (default: the checkpoint\'s)')
+    g = p.add_argument_group('Queries')
+    g.add_argument('--query', '-q', action='append', default=[], help='a query (repeatable), any language')
+    g.add_argument('--second', action='append', default=[],
+                   help='English text fused with the --query at the same position (repeatable)')
+    g.add_argument('--queries_file', default=None,
+                   help='one query per line (UTF-8), optionally "query<TAB>english"; "-" reads stdin')
+    g.add_argument('--interactive', type=int, default=None, choices=[0, 1],
+                   help='1: prompt for queries (default when no --query/--queries_file is given)')
+    g.add_argument('--clean', default='raw', choices=CLEAN_RULES,
+                   help='query text rule: raw (as typed, default), en (English caption cleaning), auto (clean '
+                        'ASCII-only queries); the English --second text is always cleaned')
+    g.add_argument('--weight', type=float, default=None,
+                   help='fusion weight on the English text (default: NRCCR sim_ratio 0.2, MLCMR the tester\'s)')
+    g = p.add_argument_group('Search and output')
+    g.add_argument('-k', '--top_k', type=int, default=10, help='results per query (10)')
+    g.add_argument('--index', default='exact', choices=['exact', 'faiss'],
+                   help='exact matrix product (default) or a FAISS inner-product index (pip install faiss-cpu)')
+    g.add_argument('--faiss_index', default='Flat',
+                   help='FAISS index factory: Flat (exact), IVF1024,Flat or HNSW32 (approximate, for millions)')
+    g.add_argument('--json', action='store_true', help='print JSON instead of tables')
+    g = p.add_argument_group('Run')
+    g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
+    g.add_argument('--batch_size', type=int, default=None, help='encoding batch (default: the tester\'s 64 / 16)')
+    g.add_argument('--workers', type=int, default=0, help='data-loading processes for encoding the gallery (0)')
+    g.add_argument('--cache', type=int, default=1, choices=[0, 1], help='cache the encoded gallery (1)')
+    g.add_argument('--cache_dir', default=None, help='gallery cache folder (default <checkpoint folder>/search_cache)')
+    return p
+
+
+# ============ steps ============
+
+def read_queries(args):
+    """[(query, english or None)] from --query/--second and --queries_file."""
+    if args.second and len(args.second) != len(args.query):
+        raise DataError(f'{len(args.second)} --second texts for {len(args.query)} --query; give one per query')
+    pairs = list(zip(args.query, args.second or [None] * len(args.query)))
+    if args.queries_file:
+        source = '<stdin>' if args.queries_file == '-' else args.queries_file
+        try:
+            if args.queries_file == '-':
+                text = sys.stdin.read()
+            else:
+                with open(args.queries_file, encoding='utf-8-sig') as f:
+                    text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f'{source}: cannot read queries ({e}); one UTF-8 query per line') from None
+        for line in text.split('\n'):
+            line = line.strip('\r\n')
+            if line.strip():
+                query, _, english = line.partition('\t')
+                pairs.append((query.strip(), english.strip() or None))
+    return pairs
+
+
+def run_queries(searcher, pairs, k):
+    """Search pairs in one call when every query has an English text or none has, else query by query."""
+    with_second = [p for p in pairs if p[1]]
+    if not with_second or len(with_second) == len(pairs):
+        return searcher.search([q for q, _ in pairs], k, second=[e for _, e in pairs] if with_second else None)
+    return [r for q, e in pairs for r in searcher.search([q], k, second=[e] if e else None)]
+
+
+def format_results(results):
+    blocks = []
+    for i, r in enumerate(results, 1):
+        head = f'query {i}: {r.query}' + (f'   (+ English: {r.second})' if r.second else '')
+        width = max([len('video id')] + [len(h.video_id) for h in r.hits])
+        lines = [head, f'{"rank":>4}  {"video id":<{width}}  {"score":>8}']
+        lines += [f'{h.rank:>4}  {h.video_id:<{width}}  {h.score:>8.4f}' for h in r.hits]
+        blocks.append('\n'.join(lines))
+    return '\n\n'.join(blocks)
+
+
+def emit(results, as_json):
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=1))
+    else:
+        print(format_results(results))
+
+
+def interactive(searcher, k, as_json):
+    print('type a query (optionally "query || English text"); an empty line or Ctrl-D ends', file=sys.stderr)
+    while True:
+        try:
+            line = input('query> ')
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        query, _, english = line.partition('||')
+        emit(run_queries(searcher, [(query.strip(), english.strip() or None)], k), as_json)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = parser.parse_args(argv)
+    return runs.run_cli(_main, args)
+
+
+def _main(args):
+    logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
+    from util import distributed as dist
+    pairs = read_queries(args)
+    try:
+        device = dist.resolve_device(args.device)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    searcher = Searcher.from_checkpoint(
+        args.checkpoint, args.rootpath, args.collection, args.feature, feature_dir=args.feature_dir, split=args.split,
+        bert_name=args.bert_name, device=device, batch_size=args.batch_size, workers=args.workers,
+        cache=bool(args.cache), cache_dir=args.cache_dir, index=args.index, faiss_index=args.faiss_index,
+        weight=args.weight, clean=args.clean, log=lambda m: print(m, file=sys.stderr))
+    results = []
+    if pairs:
+        results = run_queries(searcher, pairs, args.top_k)
+        emit(results, args.json)
+    if args.interactive or (args.interactive is None and not pairs):
+        interactive(searcher, args.top_k, args.json)
+    return results
+
+
+if __name__ == '__main__':
+    main()

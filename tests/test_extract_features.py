@@ -1,0 +1,116 @@
+"""util/extract_features.py on generated .mp4 files with a tiny offline CLIP: sampling, numbers, resume, bad files."""
+import os
+
+import numpy as np
+import pytest
+
+av = pytest.importorskip('av', reason='PyAV is optional (requirements-optional.txt): pip install av')
+
+from basic.bigfile import BigFile                                   # noqa: E402
+from basic.video2frames import read_video2frames                    # noqa: E402
+from util import extract_features as ef                             # noqa: E402
+from util.clip_encoder import ClipImageEmbedder, save_tiny_clip     # noqa: E402
+from util.make_demo_videos import COLOURS, write_video              # noqa: E402
+
+SECONDS, FPS = 3.0, 8          # 24 frames per video
+
+
+@pytest.fixture(scope='module')
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(str(tmp_path_factory.mktemp('clip')))
+
+
+@pytest.fixture()
+def video_dir(tmp_path):
+    d = tmp_path / 'videos'
+    d.mkdir()
+    for i in range(4):
+        write_video(str(d / f'clip{i}.mp4'), COLOURS[i][2], SECONDS, FPS, size=40, seed=i)
+    (d / 'broken.mp4').write_bytes(b'\x00\x01 not a video' * 50)
+    write_video(str(d / 'has space.mp4'), COLOURS[5][2], 1.0, FPS, size=40)
+    (d / 'notes.txt').write_text('ignored')
+    return d
+
+
+def _run(video_dir, out, clip, *extra):
+    return ef.main(['--videos', str(video_dir), '--out', str(out), '--model', clip, '--fps', '2', '--device', 'cpu',
+                    '--progress', '0', *extra])
+
+
+def _reference_frames(path, every):
+    """Every `every`-th decoded frame, by index (an independent statement of 2 fps sampling at 8 fps)."""
+    with av.open(path) as c:
+        frames = [f.to_image() for f in c.decode(video=0)]
+    return frames[::every]
+
+
+def test_features_equal_clip_of_sampled_frames(video_dir, tmp_path, tiny_clip, capsys):
+    out = tmp_path / 'feat'
+    summary = _run(video_dir, out, tiny_clip)
+    assert summary['videos'] == 4 and summary['extracted'] == 4
+    failed = {os.path.basename(p): r for p, r in summary['failed']}
+    assert set(failed) == {'broken.mp4', 'has space.mp4'}
+    assert 'unreadable' in failed['broken.mp4'] and 'whitespace' in failed['has space.mp4']
+    err = capsys.readouterr().err
+    assert 'broken.mp4' in err and 'has space.mp4' in err
+    assert 'broken.mp4' in (out / ef.FAILED).read_text()
+
+    bf = BigFile(str(out))
+    v2f = read_video2frames(str(out / 'video2frames.txt'))
+    embedder = ClipImageEmbedder(tiny_clip)
+    for i in range(4):
+        frames = _reference_frames(str(video_dir / f'clip{i}.mp4'), FPS // 2)
+        assert len(frames) == 6 and v2f[f'clip{i}'] == [f'clip{i}_{j}' for j in range(6)]
+        np.testing.assert_allclose(bf.read(v2f[f'clip{i}']), embedder.embed(frames), rtol=1e-5, atol=1e-6)
+    assert not os.path.exists(out / ef.SHARD_DIR)
+
+
+def test_rerun_skips_finished_videos_and_adds_new_ones(video_dir, tmp_path, tiny_clip):
+    out = tmp_path / 'feat'
+    _run(video_dir, out, tiny_clip)
+    before = (out / 'feature.bin').read_bytes()
+    again = _run(video_dir, out, tiny_clip)
+    assert again['extracted'] == 0 and again['skipped_done'] == 4
+    assert (out / 'feature.bin').read_bytes() == before
+    write_video(str(video_dir / 'clip9.mp4'), COLOURS[4][2], SECONDS, FPS, size=40, seed=9)
+    more = _run(video_dir, out, tiny_clip)
+    assert more['extracted'] == 1 and more['videos'] == 5
+    v2f = read_video2frames(str(out / 'video2frames.txt'))
+    assert sorted(v2f) == ['clip0', 'clip1', 'clip2', 'clip3', 'clip9']
+    ref = tmp_path / 'fresh'
+    _run(video_dir, ref, tiny_clip)
+    assert (ref / 'feature.bin').read_bytes() == (out / 'feature.bin').read_bytes()
+
+
+def test_interrupted_run_is_redone_never_half_written(video_dir, tmp_path, tiny_clip, monkeypatch):
+    out, ref = tmp_path / 'feat', tmp_path / 'ref'
+    _run(video_dir, ref, tiny_clip, '--decode_workers', '1')
+    real, calls = ClipImageEmbedder.embed_pixels, []
+
+    def dying(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, pixels)
+
+    monkeypatch.setattr(ClipImageEmbedder, 'embed_pixels', dying)
+    with pytest.raises(KeyboardInterrupt):       # batch 6 = one video per forward pass: 2 videos finished
+        _run(video_dir, out, tiny_clip, '--batch_size', '6', '--decode_workers', '1')
+    shards = sorted(os.listdir(out / ef.SHARD_DIR))
+    assert shards == ['clip0.npy', 'clip1.npy'] and not os.path.exists(out / 'feature.bin')
+    monkeypatch.setattr(ClipImageEmbedder, 'embed_pixels', real)
+    resumed = _run(video_dir, out, tiny_clip, '--batch_size', '6')
+    assert resumed['extracted'] == 2 and resumed['skipped_done'] == 2
+    assert (out / 'feature.bin').read_bytes() == (ref / 'feature.bin').read_bytes()
+    assert (out / 'id.txt').read_bytes() == (ref / 'id.txt').read_bytes()
+
+
+def test_other_settings_are_refused(video_dir, tmp_path, tiny_clip):
+    out = tmp_path / 'feat'
+    _run(video_dir, out, tiny_clip)
+    with pytest.raises(SystemExit, match='overwrite'):
+        ef.main(['--videos', str(video_dir), '--out', str(out), '--model', tiny_clip, '--fps', '1',
+                 '--progress', '0', '--device', 'cpu'])
+    summary = ef.main(['--videos', str(video_dir), '--out', str(out), '--model', tiny_clip, '--fps', '1',
+                       '--progress', '0', '--device', 'cpu', '--overwrite', '1'])
+    assert summary['frames'] == 4 * 3

@@ -1,0 +1,172 @@
+"""Benchmark of search: gallery indexing (videos/s) and query latency. Prints a table, returns rows; asserts nothing.
+
+    python util/bench_search.py                 # 10k and 100k videos, exact and FAISS, bert-base text encoder (CPU)
+    python util/bench_search.py --quick         # tiny sizes and encoder: seconds (the smoke test)
+    python util/bench_search.py --device cuda
+
+Everything is synthetic and offline. Gallery: random unit embeddings of the model's joint-space size (1536, the
+papers' mapping size), so no gallery has to be encoded to time a search. Indexing: the NRCCR video side at the
+papers' sizes (1024-d frames, 40-80 per video, batch 64) encoding a BigFile of random frames through
+`evaluation.encode_videos`, as Searcher.from_checkpoint does. Queries: 8-16 random words of the toy vocabulary,
+one at a time (interactive use), through an NRCCR model whose text encoder is a bert-base-sized BERT with random
+weights built from a config.
+
+Rows (name, value, unit, note):
+  index_videos_per_s     gallery encoding throughput
+  search_<index>_<N>     the search step alone (scores + top-10 for exact; index.search for FAISS), median and p95
+  query_<index>_<N>      end to end: tokenise + encode + search, median and p95
+Targets (docs/search.md): 100k exact search step < 20 ms; end-to-end query < 100 ms with the bert-base encoder.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import evaluation                                           # noqa: E402
+import model as models                                      # noqa: E402
+from basic.bigfile import BigFileWriter                     # noqa: E402
+from util import data_provider as dp                        # noqa: E402
+from util.make_toy_data import build_vocab                  # noqa: E402
+from util.searcher import Searcher                          # noqa: E402
+
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+FULL = dict(galleries=(10_000, 100_000), dim=1536, bert=BERT_BASE, queries=(3, 30), index_videos=256,
+            frames=(40, 80), feat_dim=1024, model={}, k=10)
+QUICK = dict(galleries=(1_000, 5_000), dim=48, bert=TINY_BERT, queries=(1, 5), index_videos=16,
+             frames=(4, 8), feat_dim=32, model=dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
+                                                     visual_num_attention=4), k=10)
+SEARCH_TARGET_MS, QUERY_TARGET_MS = 20.0, 100.0
+
+
+def _percentiles(seconds):
+    ms = np.asarray(seconds) * 1000
+    return float(np.median(ms)), float(np.percentile(ms, 95))
+
+
+def build_model(sizes, vocab_dir):
+    """An NRCCR model in eval mode with a random BERT of `sizes` (vocabulary of vocab_dir) and mapping size dim."""
+    from transformers import BertConfig
+    vocab = build_vocab()
+    with open(os.path.join(vocab_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(vocab) + '\n')
+    bert_config = BertConfig(vocab_size=len(vocab), max_position_embeddings=512, **sizes['bert']).to_dict()
+    cfg = models.model_config('nrccr', bert_config=bert_config, visual_feat_dim=sizes['feat_dim'],
+                              mapping_dim=sizes['dim'], **sizes['model'])
+    torch.manual_seed(0)
+    return models.build_model(cfg).eval(), dp.build_tokenizer(vocab_dir, True), vocab
+
+
+def bench_indexing(model, sizes, device, folder):
+    """Videos/s of encoding a gallery of random frames with the model's video side."""
+    rng = np.random.default_rng(0)
+    lo, hi = sizes['frames']
+    mapping = {}
+    with BigFileWriter(os.path.join(folder, 'feat'), sizes['feat_dim']) as w:
+        for v in range(sizes['index_videos']):
+            names = [f'v{v}_{i}' for i in range(int(rng.integers(lo, hi + 1)))]
+            w.add_rows(names, rng.standard_normal((len(names), sizes['feat_dim']), dtype=np.float32))
+            mapping[f'v{v}'] = names
+    store = dp.FrameStore(os.path.join(folder, 'feat'))
+    dataset = dp.VideoDataset(list(mapping), store)
+    evaluation.encode_videos(model, torch.utils.data.Subset(dataset, range(min(8, len(dataset)))), 8, device)
+    start = time.perf_counter()
+    evaluation.encode_videos(model, dataset, 64, device)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def random_queries(vocab, n, seed=0):
+    words = [w for w in vocab if w.isalpha() and w.isascii() and not w.startswith('[')]
+    rng = np.random.default_rng(seed)
+    return [' '.join(rng.choice(words, size=int(rng.integers(8, 17)))) for _ in range(n)]
+
+
+def bench_gallery(model, tokenizer, vocab, n, sizes, device, index):
+    """(search step seconds, end-to-end seconds) per query for a gallery of n random unit embeddings."""
+    gen = torch.Generator().manual_seed(n)
+    emb = torch.randn(n, sizes['dim'], generator=gen)
+    searcher = Searcher(model, tokenizer, [f'v{i}' for i in range(n)], emb, device=device, index=index)
+    del emb
+    warm, runs = sizes['queries']
+    queries = random_queries(vocab, warm + runs)
+    q_emb = evaluation.l2_normalize(searcher.encode(queries))
+
+    def step(i):                  # the search step alone, on an already encoded query
+        if searcher.faiss is not None:
+            searcher.faiss.search(q_emb[i:i + 1].numpy(), sizes['k'])
+        else:
+            from util.searcher import topk_stable
+            topk_stable(q_emb[i:i + 1].to(searcher.device) @ searcher.video_emb.T, sizes['k'])
+
+    def end_to_end(i):
+        searcher.search([queries[i]], k=sizes['k'])
+
+    out = []
+    for fn in (step, end_to_end):
+        times = []
+        for i in range(warm + runs):
+            start = time.perf_counter()
+            fn(i)
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            if i >= warm:
+                times.append(time.perf_counter() - start)
+        out.append(times)
+    return out
+
+
+def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, log=print):
+    """Rows [(name, value, unit, note)] of the search benchmark; also printed through `log`."""
+    sizes = QUICK if quick else FULL
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        model, tokenizer, vocab = build_model(sizes, folder)
+        model.to(device)
+        with torch.inference_mode():
+            vps = bench_indexing(model, sizes, device, folder)
+        rows.append(('index_videos_per_s', vps, 'videos/s',
+                     f'NRCCR video side, {sizes["feat_dim"]}-d frames, {sizes["frames"][0]}-{sizes["frames"][1]} '
+                     f'per video, batch 64'))
+        log(f'{rows[-1][0]:<24} {vps:10.1f} {rows[-1][2]:<9} {rows[-1][3]}')
+        for index in indexes:
+            if index == 'faiss':
+                try:
+                    import faiss  # noqa: F401
+                except ImportError:
+                    log('faiss: not installed (pip install faiss-cpu), skipped')
+                    continue
+            for n in sizes['galleries']:
+                step, e2e = bench_gallery(model, tokenizer, vocab, n, sizes, device, index)
+                for kind, times, target in (('search', step, SEARCH_TARGET_MS), ('query', e2e, QUERY_TARGET_MS)):
+                    med, p95 = _percentiles(times)
+                    note = f'p95 {p95:.2f} ms, {len(times)} queries, dim {sizes["dim"]}'
+                    if not quick and (kind == 'query' or index == 'exact') and n == max(sizes['galleries']):
+                        note += f', target < {target:g} ms'
+                    rows.append((f'{kind}_{index}_{n}', med, 'ms median', note))
+                    log(f'{rows[-1][0]:<24} {med:10.2f} {rows[-1][2]:<9} {note}')
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='tiny sizes and encoder (seconds)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--index', default='exact,faiss', help='comma-separated: exact, faiss')
+    p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
+    args = p.parse_args(argv)
+    return run(args.quick, args.device, tuple(args.index.split(',')), args.threads)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,126 @@
+"""A runnable-anywhere demo of searching your own videos: coloured .mp4 files, their captions, a tiny CLIP and BERT.
+
+    python util/make_demo_videos.py --root demo
+
+writes (nothing is downloaded; needs PyAV, `pip install av`)
+    demo/videos/demoNNN.mp4             short videos, each one solid colour with a small moving grey square
+    demo/video_colours.txt              video id, split and colour of each video (to check search results)
+    demo/colours/TextData/*.caption.txt captions naming the colour in English and Chinese, in the naming of
+                                        docs/data.md ('Captions'): train / val / test splits, for NRCCR and MLCMR
+    demo/tiny_clip/                     a tiny random CLIP vision model (util/clip_encoder.save_tiny_clip)
+    demo/tiny_bert/                     the tiny random BERT of the toy collection (its vocabulary holds the colours)
+
+The colours are six of the toy lexicon (util/make_toy_data.py); each colour has `--per_colour` videos, split
+into train (all but two), val (one) and test (one). docs/search.md walks from here to ranked search results.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COLOURS = (('red', '红色', (220, 30, 30)), ('blue', '蓝色', (30, 60, 220)), ('green', '绿色', (30, 190, 60)),
+           ('yellow', '黄色', (235, 220, 40)), ('black', '黑色', (10, 10, 10)), ('white', '白色', (245, 245, 245)))
+EN_TEMPLATES = ('{c}', 'the {c}', 'a {c} one', 'all {c}')
+ZH_TEMPLATES = ('{c}', '{c}的', '一片{c}', '全是{c}')
+COLLECTION = 'colours'
+
+
+def write_video(path, rgb, seconds=3.0, fps=8, size=48, seed=0):
+    """An mpeg4 .mp4 of a solid `rgb` background with a small grey square moving across it."""
+    import av
+    rng = np.random.default_rng(seed)
+    grey, y0, speed = int(rng.integers(90, 170)), int(rng.integers(0, size - 12)), int(rng.integers(1, 4))
+    with av.open(path, mode='w') as container:
+        stream = container.add_stream('mpeg4', rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, 'yuv420p'
+        for i in range(int(seconds * fps)):
+            img = np.empty((size, size, 3), np.uint8)
+            img[:] = rgb
+            x = (i * speed) % (size - 10)
+            img[y0:y0 + 10, x:x + 10] = grey
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def plan(per_colour=8, seed=0):
+    """[(video id, split, colour index)]: ids shuffled so that they say nothing about the colour."""
+    if per_colour < 3:
+        raise ValueError('per_colour must be >= 3 (train, val and test need one video each)')
+    items = [(c, j) for c in range(len(COLOURS)) for j in range(per_colour)]
+    order = np.random.default_rng(seed).permutation(len(items))
+    out = []
+    for number, i in enumerate(order):
+        c, j = items[i]
+        split = 'val' if j == per_colour - 2 else 'test' if j == per_colour - 1 else 'train'
+        out.append((f'demo{number:03d}', split, c))
+    return sorted(out)
+
+
+def write_captions(text_dir, videos, collection=COLLECTION, captions_per_video=3):
+    """Caption files of every split in NRCCR and MLCMR naming; machine-translation files hold the same texts as
+    the human ones (the demo has no translation noise)."""
+    os.makedirs(text_dir, exist_ok=True)
+    en, zh = {}, {}
+    for split in ('train', 'val', 'test'):
+        en[split], zh[split] = [], []
+        for vid, s, c in videos:
+            if s != split:
+                continue
+            for k in range(captions_per_video):
+                en[split].append((vid, k, EN_TEMPLATES[k % len(EN_TEMPLATES)].format(c=COLOURS[c][0])))
+                zh[split].append((vid, k, ZH_TEMPLATES[(k + 1) % len(ZH_TEMPLATES)].format(c=COLOURS[c][1])))
+    files = {'train': {'': ('enc', en), '_zh': ('zh', zh), '_google_enc2zh': ('enc2zh', zh),
+                       '_google_enc2zh2enc': ('enc2zh2enc', en), '_google_zhc2en': ('zhc2en', en)},
+             'val': {'': ('enc', en), '_zh': ('zh', zh), '_google_zh2enc': ('zh2enc', en),
+                     '_google_enc2zh': ('enc2zh', zh)}}
+    files['test'] = files['val']
+    for split, names in files.items():
+        for suffix, (tag, rows) in names.items():
+            with open(os.path.join(text_dir, f'{collection}{split}{suffix}.caption.txt'), 'w', encoding='utf-8') as f:
+                f.write(''.join(f'{vid}#{tag}#{k} {text}\n' for vid, k, text in rows[split]))
+
+
+def make_demo(root, per_colour=8, seconds=3.0, fps=8, size=48, seed=0, collection=COLLECTION):
+    """Write the demo under `root`; returns a dict of its paths and the plan [(video id, split, colour)]."""
+    from util.clip_encoder import save_tiny_clip
+    from util.make_toy_data import write_tiny_bert
+    videos = plan(per_colour, seed)
+    video_dir = os.path.join(root, 'videos')
+    os.makedirs(video_dir, exist_ok=True)
+    for vid, _, c in videos:
+        path = os.path.join(video_dir, f'{vid}.mp4')
+        if not os.path.exists(path):
+            write_video(path, COLOURS[c][2], seconds, fps, size, seed=[seed, int(vid[4:])])
+    with open(os.path.join(root, 'video_colours.txt'), 'w', encoding='utf-8') as f:
+        f.write(''.join(f'{vid} {split} {COLOURS[c][0]} {COLOURS[c][1]}\n' for vid, split, c in videos))
+    text_dir = os.path.join(root, collection, 'TextData')
+    write_captions(text_dir, videos, collection)
+    clip_dir, bert_dir = os.path.join(root, 'tiny_clip'), os.path.join(root, 'tiny_bert')
+    if not os.path.exists(os.path.join(clip_dir, 'config.json')):
+        save_tiny_clip(clip_dir, seed=seed)
+    if not os.path.exists(os.path.join(bert_dir, 'config.json')):
+        write_tiny_bert(bert_dir, seed=seed, hidden=32, layers=4)
+    return {'video_dir': video_dir, 'text_dir': text_dir, 'clip_dir': clip_dir, 'bert_dir': bert_dir,
+            'collection_dir': os.path.join(root, collection), 'videos': videos}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--root', required=True, help='folder to write the demo into')
+    p.add_argument('--per_colour', type=int, default=8, help='videos per colour (8: 6 train, 1 val, 1 test)')
+    p.add_argument('--seconds', type=float, default=3.0, help='video length (3 s)')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    out = make_demo(args.root, args.per_colour, args.seconds, seed=args.seed)
+    print(f'{len(out["videos"])} videos in {out["video_dir"]}, captions in {out["text_dir"]}, '
+          f'tiny CLIP {out["clip_dir"]}, tiny BERT {out["bert_dir"]}')
+    return out
+
+
+if __name__ == '__main__':
+    main()
