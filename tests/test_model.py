@@ -114,7 +114,9 @@ def test_nrccr_training_step_shapes_and_frozen_layers(toy_root):
     for key in ('v', 'c_src', 'c_tr', 'c_cross', 'c_bt'):
         assert out[key].shape == (6, 48)
         assert torch.allclose(out[key].norm(dim=1), torch.ones(6), atol=1e-5)
-    loss, logs = model.training_loss(out)
+    logs = model.discriminator_step(out, opts)
+    loss, loss_logs = model.training_loss(out)
+    logs.update(loss_logs)
     assert math.isfinite(loss.item()) and {'tri_src', 'dtl', 'loss_disc', 'gen'} <= set(logs)
     opts['main'].zero_grad()
     loss.backward()
@@ -141,9 +143,9 @@ def test_layer_list_matches_exact_indices(toy_root):
 def test_discriminator_step_updates_only_discriminator(toy_root):
     torch.manual_seed(0)
     model = models.build_model(small_cfg(toy_root, 'nrccr', disc_type='strong'))
-    model.configure_optimizers(1e-3)
+    opts = model.configure_optimizers(1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.discriminator_step(model(nrccr_batch()))
+    model.discriminator_step(model(nrccr_batch()), opts)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith('discriminator.') for n in changed)
 
