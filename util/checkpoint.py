@@ -68,8 +68,8 @@ class _WriteRecorder:
 
 def _with_path(error, path):
     """`error` (an OSError) naming `path` when it names no file itself."""
-    if error.filename is None:
-        return OSError(error.errno, error.strerror or os.strerror(error.errno or 0), path)
+    if error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror or os.strerror(error.errno), path)
     return error
 
 
@@ -95,7 +95,10 @@ def save_checkpoint(state: dict, path):
                 f.flush()
                 os.fsync(f.fileno())
             except OSError as e:
-                raise _with_path(e, path) from e
+                named = _with_path(e, path)
+                if named is e:
+                    raise
+                raise named from e
             except RuntimeError as e:
                 if recorder.error is None:
                     raise

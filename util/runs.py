@@ -131,7 +131,7 @@ def atomic_write_text(path, text):
                 os.remove(tmp)
             except OSError:
                 pass
-        if e.filename is None:      # a failed write names no file
+        if e.filename is None and e.errno is not None:      # a failed write names no file
             raise OSError(e.errno, e.strerror, path) from e
         raise
 
