@@ -4,7 +4,7 @@
 # MLCMR_USE_VENV=1 always uses ./.venv (CI does this, to start from a fresh Python).
 # TORCH_SPEC overrides the torch requirement installed into a new venv (default torch==2.13.0).
 _mlcmr_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-_mlcmr_check='import torch, transformers, tensorboard, tqdm, numpy, easydict, pytest'
+_mlcmr_check='import torch, transformers, tensorboard, tqdm, numpy, pytest'
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$_mlcmr_repo/.venv/bin/python" ] && "$_mlcmr_repo/.venv/bin/python" -c "$_mlcmr_check" 2>/dev/null; then
     PYTHON="$_mlcmr_repo/.venv/bin/python"
