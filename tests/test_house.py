@@ -273,3 +273,19 @@ def test_validation_matrices_are_float64(short_run, toy_root):
     val = dp.EvalData(toy_root, trainer.data_cfg_from_args(args), 'val', tok, store, purpose='val')
     sims = trainer.embed_split(model, val, 8, torch.device('cpu'), 0, contextlib.nullcontext, False)
     assert all(s.dtype == torch.float64 for s in sims.values())
+
+
+def test_tester_data_config_of_an_original_release_checkpoint(toy_root, tmp_path):
+    import argparse
+    from test_model import to_release_format
+    torch.manual_seed(0)
+    cfg = small_cfg(toy_root, 'nrccr')
+    opt = argparse.Namespace(collection='toy', text_num_attention=4, visual_num_attention=4, disc_type='weak',
+                             layer_list=['layer.2', 'layer.3'], frozen='frozen', visual_feature='toy_feature')
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 3, 'model': to_release_format(models.build_model(cfg)), 'best_rsum': 1.0, 'opt': opt}, path)
+    _, train_args = tester.load_model(str(path), bert_name=cfg['bert_name'])
+    args = tester.get_args_parser().parse_args(['--checkpoint', str(path), '--bert_name', cfg['bert_name']])
+    data_cfg = tester.test_data_cfg(args, str(path), train_args)
+    assert data_cfg == dict(dp.DATA_DEFAULTS, model='nrccr', collection='toy', visual_feature='toy_feature',
+                            bert_name=cfg['bert_name'])

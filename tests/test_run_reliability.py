@@ -293,3 +293,27 @@ def test_test_after_training_gets_the_run_settings(toy_root, monkeypatch):
     assert opts.eval_batch_size == 5 and opts.amp == 'bf16' and opts.strict is True
     assert opts.bert_name == argv[argv.index('--bert_name') + 1]
     assert opts.device == 'cpu' and opts.workers == 0
+
+
+def test_resume_of_a_checkpoint_without_history(reference, toy_root, monkeypatch):
+    """Checkpoints written before the history was stored in them resume with the history of metrics.jsonl."""
+    argv = run_argv(toy_root, 'nohist', '--skip_test', '1')
+    real_epoch, calls = trainer.train_one_epoch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(trainer, 'train_one_epoch', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.main(argv)
+    monkeypatch.undo()
+    run_dir = runs.run_dir(trainer.parse_args(argv))
+    last = os.path.join(run_dir, 'checkpoint_last.pth.tar')
+    saved = torch.load(last, weights_only=True)
+    ckpt.save_checkpoint({k: v for k, v in saved.items() if k != 'history'}, last)
+    trainer.main(argv)
+    assert records(os.path.join(run_dir, 'metrics.jsonl')) == records(os.path.join(reference['run_dir'],
+                                                                                   'metrics.jsonl'))
