@@ -108,7 +108,7 @@ def checkpoint_path(args):
     return os.path.join(args.logger_name, args.checkpoint_name)
 
 
-def test_data_cfg(args, path, train_args):
+def data_cfg_for_test(args, path, train_args):
     """The checkpoint's data config (derived from its stored arguments when it predates `data_cfg`), with
     the command line's overrides."""
     stored = ckpt.load_checkpoint(path, map_location='meta').get('data_cfg')   # meta: no tensor is read
@@ -208,7 +208,7 @@ def _main(args):
     device = dist.resolve_device(args.device)
     model, train_args = load_model(path, args.bert_name)
     model.to(device)
-    data_cfg = test_data_cfg(args, path, train_args)
+    data_cfg = data_cfg_for_test(args, path, train_args)
     target = data_cfg['target_language'] if data_cfg['model'] == 'mlcmr' else None
     out_dir = args.results_dir or results_dir_for(args.rootpath, data_cfg['collection'], args.split, path, target)
     done = existing_results(out_dir, args.overwrite)

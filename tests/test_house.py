@@ -286,6 +286,6 @@ def test_tester_data_config_of_an_original_release_checkpoint(toy_root, tmp_path
     torch.save({'epoch': 3, 'model': to_release_format(models.build_model(cfg)), 'best_rsum': 1.0, 'opt': opt}, path)
     _, train_args = tester.load_model(str(path), bert_name=cfg['bert_name'])
     args = tester.get_args_parser().parse_args(['--checkpoint', str(path), '--bert_name', cfg['bert_name']])
-    data_cfg = tester.test_data_cfg(args, str(path), train_args)
+    data_cfg = tester.data_cfg_for_test(args, str(path), train_args)
     assert data_cfg == dict(dp.DATA_DEFAULTS, model='nrccr', collection='toy', visual_feature='toy_feature',
                             bert_name=cfg['bert_name'])
