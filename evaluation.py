@@ -21,6 +21,8 @@ import contextlib
 import numpy as np
 import torch
 
+from util.batching import collate, move_to
+
 METRIC_KEYS = ('t2v_r1', 't2v_r5', 't2v_r10', 't2v_medr', 't2v_meanr', 't2v_map',
                'v2t_r1', 'v2t_r5', 'v2t_r10', 'v2t_medr', 'v2t_meanr', 'v2t_map', 'sumr')
 
@@ -308,7 +310,6 @@ def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, 
     """Run `embed(batch)` over consecutive batches in eval mode; outputs on CPU in dataset order."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
-    from util.data_provider import collate, move_to
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
     loader = DataLoader(dataset, batch_sampler=_shard_batches(len(dataset), batch_size, rank, world),
                         collate_fn=collate, num_workers=workers, pin_memory=device.type == 'cuda')
@@ -351,5 +352,9 @@ def l2_normalize(x):
 
 
 def similarity(text_emb, video_emb):
-    """[captions, videos] cosine similarities; rows re-l2-normalised (docs/evaluation.md, 'Similarity matrices')."""
-    return l2_normalize(text_emb) @ l2_normalize(video_emb).T
+    """[captions, videos] cosine similarities in float64, rows re-l2-normalised (docs/evaluation.md,
+    'Similarity matrices'): the references build this matrix in float64, and at 7,500 x 750 float32 moves
+    a rank. The streamed path (`compute_metrics_from_embeddings` on the embeddings as given, float32 in the
+    tester) skips this matrix and keeps the embeddings' precision."""
+    text, video = torch.as_tensor(text_emb).double(), torch.as_tensor(video_emb).double()
+    return l2_normalize(text) @ l2_normalize(video).T

@@ -4,6 +4,7 @@ Both are built from a plain config dict (`model_cfg`, stored in every checkpoint
 and expose the same methods, so one trainer and one tester serve both:
 
     outputs = model(batch)                        # training forward: every embedding the loss needs
+    logs = model.discriminator_step(outputs, optimizers)   # NRCCR: its discriminator's own step; MLCMR: {}
     loss, logs = model.training_loss(outputs)     # scalar loss + dict of floats to log
     model.embed_videos(video_batch) -> (B, D)     # unit-norm video embeddings
     model.embed_texts(text_batch) -> {role: (B, D)}   # unit-norm embeddings per caption stream
@@ -13,7 +14,11 @@ and expose the same methods, so one trainer and one tester serve both:
 
 `forward` and `training_loss` are split so that `forward` can run under DistributedDataParallel while the
 loss (which may gather embeddings across ranks) runs on the unwrapped model. Nothing here touches argparse,
-devices or torch.distributed: the trainer hands in `gather` / `grad_sync` callables.
+devices or torch.distributed: the trainer hands in `gather` / `grad_sync` callables with
+`model.set_distributed(...)`. One training step, in order, is util/training.py `train_step`.
+
+Each model class also carries RUN_DEFAULTS: the run settings that depend on the model (batch sizes, the
+run-folder component `cv_name`), used by the trainer and the tester when the flags leave them unset.
 
 Parity defaults follow docs/parity.md, 'Parity switches'; each clean alternative is a config key (see DEFAULTS).
 """
@@ -27,7 +32,9 @@ import torch.nn.functional as F
 
 import evaluation
 import loss as losses
+from basic import paths
 from basic.errors import DataError
+from util import checkpoint as ckpt
 
 # Config keys shared by both models; each model adds its own (see NRCCR.DEFAULTS / MLCMR.DEFAULTS).
 COMMON_DEFAULTS = dict(
@@ -330,9 +337,9 @@ class Discriminator(nn.Module):
 class RetrievalModel(nn.Module):
     """What the trainer relies on, shared by both models.
 
-    Under DDP the trainer sets `gather` (all-gather with gradient, so in-batch negatives come from the
-    global batch) and `world_size`: terms computed on gathered embeddings are multiplied by `world_size`
-    before backward, because DDP averages gradients over ranks while each rank back-propagates only
+    Under DDP the trainer calls `set_distributed` with `gather` (all-gather with gradient, so in-batch
+    negatives come from the global batch), `grad_sync` and `world_size`: terms computed on gathered
+    embeddings are multiplied by `world_size` before backward, because DDP averages gradients over ranks while each rank back-propagates only
     through its own slice — the product gives exactly the single-process gradient of the global batch.
     """
 
@@ -342,6 +349,17 @@ class RetrievalModel(nn.Module):
         self.gather = lambda x: x
         self.grad_sync = None
         self.world_size = 1
+
+    def set_distributed(self, gather, grad_sync, world_size):
+        """Run under DDP: `gather(x)` all-gathers embeddings with gradient, `grad_sync(grads)` averages a list
+        of gradients in place over the ranks (for parameters DDP does not manage, the discriminator), and
+        `world_size` scales the terms computed on gathered embeddings."""
+        self.gather, self.grad_sync, self.world_size = gather, grad_sync, int(world_size)
+
+    def discriminator_step(self, out, optimizers):
+        """The step a model takes on its own before the main loss (NRCCR: the language discriminator);
+        returns its logs (MLCMR has no such step: {})."""
+        return {}
 
     def main_parameters(self):
         """Parameters of the main optimiser and of gradient clipping (everything trainable but the
@@ -366,6 +384,8 @@ class RetrievalModel(nn.Module):
 class NRCCR(RetrievalModel):
     name = 'nrccr'
     fusion_normalize = True          # docs/evaluation.md, 'Fusion': min-max normalise before fusing
+    # per-process training batch, validation batch, test batch (the references' values), run-folder part
+    RUN_DEFAULTS = dict(batch_size=128, val_batch_size=128, test_batch_size=64, cv_name='MM_2022')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(5, 12)],
@@ -398,14 +418,11 @@ class NRCCR(RetrievalModel):
         self.text_mapping = MFC(cfg['text_hidden_size'], cfg['mapping_dim'], cfg['mapping_dropout'])
         self.discriminator = Discriminator(bert.config.hidden_size, cfg['disc_type'],
                                            cfg['disc_residual_on_relu'], masked_pooling=mp)
-        self._disc_optimizer = None
 
     # ---- optimisation ----
     def configure_optimizers(self, lr, glr=1e-3):
-        opts = {'main': torch.optim.Adam(self.main_parameters(), lr=lr),
+        return {'main': torch.optim.Adam(self.main_parameters(), lr=lr),
                 'disc': torch.optim.Adam(self.discriminator.parameters(), lr=glr, betas=(0.9, 0.999))}
-        self._disc_optimizer = opts['disc']
-        return opts
 
     # ---- training ----
     def forward(self, batch):
@@ -413,7 +430,8 @@ class NRCCR(RetrievalModel):
         te = self.text_encoder
         video = batch['video']
         v = self.video_mapping(self.video_encoder(video['frames'], video['mask']))
-        src, tr, bt = batch['text']['src'], batch['text']['tr'], batch['text']['bt']
+        text = batch['text']
+        src, tr, bt = text[paths.ROLE_SRC], text[paths.ROLE_TR], text[paths.ROLE_BT]
         E_src, F_src = te.features(src)
         E_tr, F_tr = te.features(tr)
         _, F_bt = te.features(bt)
@@ -428,9 +446,11 @@ class NRCCR(RetrievalModel):
                     E_src=E_src, E_tr=E_tr, m_src=src['mask'], m_tr=tr['mask'],
                     same_video=batch.get('same_video'), video_index=batch.get('video_index'))
 
-    def discriminator_step(self, out):
-        """docs/losses.md, 'Adversarial term': one Adam step of the discriminator on detached BERT states, in fp32."""
-        D, opt = self.discriminator, self._disc_optimizer
+    def discriminator_step(self, out, optimizers):
+        """One Adam step (`optimizers['disc']`) of the discriminator on detached BERT states, in fp32
+        (docs/losses.md, 'Adversarial term'). It comes before `training_loss`, whose generator term then sees
+        the updated discriminator."""
+        D, opt = self.discriminator, optimizers['disc']
         with torch.autocast(out['E_src'].device.type, enabled=False):
             real = D(out['E_src'].detach().float(), out['m_src'])
             fake = D(out['E_tr'].detach().float(), out['m_tr'])
@@ -448,7 +468,7 @@ class NRCCR(RetrievalModel):
     def training_loss(self, out):
         """docs/losses.md: L = Tri(c_src,v) + α Tri(c_tr,v) + β L_dtl + w_bt L_bt + scale·BCE(D(E_tr),1) + γ L_feat."""
         cfg, g = self.cfg, self.gather
-        logs = self.discriminator_step(out) if self._disc_optimizer is not None else {}
+        logs = {}
         v, c_src, c_tr, c_cross, c_bt = (g(out[k]) for k in ('v', 'c_src', 'c_tr', 'c_cross', 'c_bt'))
         tri = self._tri_kwargs(out)
         l_src = losses.triplet_loss(c_src, v, **tri)
@@ -482,7 +502,7 @@ class NRCCR(RetrievalModel):
 
     def validation_score(self, sims, cap2vid):
         """docs/training.md, 'Validation score': t2v R@1+R@5+R@10 on the min-max fused matrix (sim_ratio on the English MT)."""
-        fused = evaluation.fuse(sims['primary'], sims['second'], self.cfg['sim_ratio'])
+        fused = evaluation.fuse(sims[paths.ROLE_PRIMARY], sims[paths.ROLE_SECOND], self.cfg['sim_ratio'])
         m = evaluation.compute_metrics(fused, cap2vid)
         return m['t2v_r1'] + m['t2v_r5'] + m['t2v_r10'], {f'val/{k}': x for k, x in m.items()}
 
@@ -528,6 +548,7 @@ class MultiLevelVideoEncoder(nn.Module):
 class MLCMR(RetrievalModel):
     name = 'mlcmr'
     fusion_normalize = False         # docs/evaluation.md, 'Fusion': raw errors are fused
+    RUN_DEFAULTS = dict(batch_size=64, val_batch_size=16, test_batch_size=16, cv_name='mlcmr')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(6, 12)],
@@ -574,8 +595,8 @@ class MLCMR(RetrievalModel):
         v = g(out['v'])
         l_vid = losses.symmetric_info_nce(v, g(out['v_aug']), tau=cfg['nce_tau'])
         loss, logs = l_vid, {'nce_video': l_vid.item()}
-        for role in [r for r in out if r in ('en', 'zh', 'half')]:
-            t, t_masked = g(out[role]), g(out[f'{role}_masked'])
+        for role in [r for r in out if r in paths.MLCMR_TRAIN_ROLES]:
+            t, t_masked = g(out[role]), g(out[paths.masked_role(role)])
             l_tri = losses.triplet_loss(t, v, **tri)
             l_nce = losses.symmetric_info_nce(t, t_masked, tau=cfg['nce_tau'])
             loss = loss + l_tri + l_nce
@@ -586,7 +607,7 @@ class MLCMR(RetrievalModel):
     def validation_score(self, sims, cap2vid):
         """docs/training.md, 'Validation score': sum of the 12 recalls (t2v and v2t R@1,5,10 on the en and the zh matrix)."""
         score, logs = 0.0, {}
-        for role, lang in (('primary', 'en'), ('second', 'zh')):
+        for role, lang in ((paths.ROLE_PRIMARY, 'en'), (paths.ROLE_SECOND, 'zh')):
             m = evaluation.compute_metrics(sims[role], cap2vid)
             score += sum(m[k] for k in ('t2v_r1', 't2v_r5', 't2v_r10', 'v2t_r1', 'v2t_r5', 'v2t_r10'))
             logs.update({f'val_{lang}/{k}': x for k, x in m.items()})
@@ -773,3 +794,23 @@ def convert_legacy_mlcmr(saved, bert_name=None):
         concate='full' if video_in == reduced + feat_dim else 'reduced',
         train_mode=opt.get('train_mode', 'parallel'), **_legacy_loss_options(opt))
     return cfg, state
+
+
+# ============ loading any supported checkpoint ============
+
+def load_model(path, bert_name=None):
+    """(model, train_args dict) from one of our checkpoints or an original NRCCR / MLCMR release checkpoint."""
+    saved = ckpt.load_checkpoint(path)
+    if saved.get('legacy'):
+        kind = saved['legacy_model']
+        convert = convert_legacy_mlcmr if kind == 'mlcmr' else convert_legacy_nrccr
+        cfg, state = convert(saved, bert_name)
+        train_args = dict(saved['opt'], model=kind)
+    else:
+        cfg, state, train_args = saved['model_cfg'], saved['model'], saved['args']
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(f'{path}: checkpoint does not fit the model (missing {missing[:3]}, unexpected '
+                        f'{unexpected[:3]}); is it an NRCCR/MLCMR checkpoint of this codebase?')
+    return model, train_args

@@ -5,18 +5,18 @@
     # several GPUs on one machine (DistributedDataParallel)
     torchrun --standalone --nproc_per_node=2 trainer.py --model nrccr ...
 
-Re-running the same command continues an interrupted run from its last checkpoint and skips a finished
-one (`--overwrite 1` starts again). Every epoch: train one pass, validate, checkpoint, update the learning
-rate, check early stopping (docs/training.md).
+Re-running the same command continues an interrupted run from its last checkpoint, tests a finished run
+whose test results are missing, and otherwise skips it (`--overwrite 1` starts again, clean). Every epoch:
+train one pass, validate, update the learning rate, checkpoint, write the history, check early stopping
+(docs/training.md, 'Schedule').
 """
 import argparse
-import contextlib
 import json
 import logging
-import math
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,28 +24,22 @@ import torch
 import evaluation
 import model as models
 from basic import paths
+from basic.errors import DataError
 from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
 from util import runs
+from util.data_provider import EvalData  # noqa: F401  (re-exported for scripts that used trainer.EvalData)
+from util.precision import autocast_factory
+from util.training import train_step
 
 logger = logging.getLogger('mlcmr')
 
-# Model-dependent defaults: (NRCCR, MLCMR), docs/training.md, 'Hyperparameters'.
-MODEL_DEFAULTS = {
-    'batch_size': (128, 64),
-    'val_batch_size': (128, 16),
-    'test_batch_size': (64, 16),
-    'cv_name': ('MM_2022', 'mlcmr'),
-}
+# (NRCCR, MLCMR) run defaults, read from the model classes; kept under this name for util/benchmark.py.
+MODEL_DEFAULTS = {k: (models.NRCCR.RUN_DEFAULTS[k], models.MLCMR.RUN_DEFAULTS[k])
+                  for k in models.NRCCR.RUN_DEFAULTS}
 
-
-def bool_flag(s):
-    if str(s).lower() in ('1', 'true', 'on', 'yes'):
-        return True
-    if str(s).lower() in ('0', 'false', 'off', 'no'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected 0/1/true/false, got {s!r}')
+STATE_KEYS = ('epoch', 'global_step', 'best_score', 'lr', 'lr_counter', 'no_impr_counter')
 
 
 def get_args_parser():
@@ -58,12 +52,10 @@ def get_args_parser():
                    help='feature folder under FeatureData (vatex: i3d_kinetics; msrvttcn: resnext101-resnet152)')
     g.add_argument('--data_type', default='google_enc2zh',
                    help='NRCCR translation files <C>train_<data_type> (default google_enc2zh)')
-    g.add_argument('--collectionStrt', default='single', choices=['single'],
-                   help='collection structure; only "single" (the one that works in the reference)')
     g.add_argument('--val_split', default='val',
                    help="caption files used for validation (default val; the MLCMR reference used 'test' on "
                         'MSR-VTT, which do_all_mlcmr.sh reproduces)')
-    g.add_argument('--strict', type=bool_flag, default=False,
+    g.add_argument('--strict', type=runs.bool_flag, default=False,
                    help='0: skip captions whose partner caption is missing, with one warning; 1: error')
     g.add_argument('--frame_sampling', default='first', choices=['first', 'uniform'],
                    help='videos longer than 64 frames: keep the first 64 (parity) or 64 uniformly spaced')
@@ -72,7 +64,7 @@ def get_args_parser():
     g.add_argument('--model', default='nrccr', choices=sorted(models.MODELS))
     g.add_argument('--bert_name', default='bert-base-multilingual-cased',
                    help='hub id or local folder of the BERT text encoder (default bert-base-multilingual-cased)')
-    g.add_argument('--tokenizer_lower_case', type=bool_flag, default=True,
+    g.add_argument('--tokenizer_lower_case', type=runs.bool_flag, default=True,
                    help='1 (parity): lower-case and strip accents even for the cased mBERT; 0: keep case')
     g.add_argument('--frozen', default='frozen', choices=['frozen', 'all_frozen', 'finetune'],
                    help="BERT fine-tuning: 'frozen' trains only --layer_list (default), 'all_frozen' none, "
@@ -82,9 +74,8 @@ def get_args_parser():
     g.add_argument('--text_mapping_layers', default='0-1536', help='text mapping, first entry replaced (0-1536)')
     g.add_argument('--visual_mapping_layers', default='0-1536', help='video mapping, first entry replaced (0-1536)')
     g.add_argument('--dropout', type=float, default=0.2, help='dropout of the mappings (0.2)')
-    g.add_argument('--masked_pooling', type=bool_flag, default=False,
+    g.add_argument('--masked_pooling', type=runs.bool_flag, default=False,
                    help='0 (parity): mean-pool over padded positions too; 1: over valid positions only')
-    g.add_argument('--model_type', default='video', choices=['video'], help='only the video variant')
 
     g = p.add_argument_group('NRCCR')
     g.add_argument('--text_hidden_size', type=int, default=1024,
@@ -93,9 +84,6 @@ def get_args_parser():
     g.add_argument('--text_num_attention', type=int, default=8, help='text attention heads (8)')
     g.add_argument('--visual_num_attention', type=int, default=8, help='video attention heads (8)')
     g.add_argument('--video_layer', type=int, default=1, help='video attention layers (1)')
-    g.add_argument('--text_layer', type=int, default=1, help='unused in the reference; kept for scripts')
-    g.add_argument('--text_pooling', default='mean', choices=['mean'], help='text pooling (mean)')
-    g.add_argument('--video_pooling', default='mean', choices=['mean'], help='video pooling (mean)')
     g.add_argument('--attn_scale', default='value', choices=['value', 'key'],
                    help='attention scale 1/sqrt(H/h) (value, parity) or 1/sqrt(512/h) (key)')
     g.add_argument('--disc_type', default='weak', choices=['weak', 'not-so-weak', 'strong'],
@@ -108,13 +96,11 @@ def get_args_parser():
     g.add_argument('--dtl_beta', type=float, default=0.4, help='weight of similarity-view distillation (0.4)')
     g.add_argument('--l1_gama', type=float, default=1.0, help='weight of feature-view distillation (1; scripts 0.1)')
     g.add_argument('--back_w', type=float, default=1.0, help='weight of back-translation loss (1; scripts 0.5)')
-    g.add_argument('--dtl_detach_teacher', type=bool_flag, default=False,
+    g.add_argument('--dtl_detach_teacher', type=runs.bool_flag, default=False,
                    help='0 (parity): video gradients flow through the DTL teacher; 1: detach the whole teacher')
-    g.add_argument('--feat_detach_teacher', type=bool_flag, default=False,
+    g.add_argument('--feat_detach_teacher', type=runs.bool_flag, default=False,
                    help='0 (parity): both sides of the feature-view loss get gradient; 1: detach c_cross')
     g.add_argument('--sim_ratio', type=float, default=0.2, help='validation fusion weight on the English MT (0.2)')
-    g.add_argument('--momentum', type=float, default=None, help='no effect (Adam is used, as in the reference)')
-    g.add_argument('--optim', default='adam', choices=['adam'], help='optimizer (adam)')
 
     g = p.add_argument_group('MLCMR')
     g.add_argument('--train_mode', default='parallel', choices=['parallel', 'unparallel'])
@@ -126,19 +112,15 @@ def get_args_parser():
     g.add_argument('--visual_kernel_sizes', default='2-3-4-5', help='CNN kernel sizes (2-3-4-5)')
     g.add_argument('--concate', default='full', choices=['full', 'reduced'],
                    help='video levels: full = [GRU | CNN | mean], reduced = [GRU | CNN]')
-    g.add_argument('--gru_pool', default='mean', choices=['mean'], help='GRU pooling (mean)')
-    g.add_argument('--packed_gru', type=bool_flag, default=False,
+    g.add_argument('--packed_gru', type=runs.bool_flag, default=False,
                    help='0 (parity): GRU runs over the padding; 1: packed sequences')
 
     g = p.add_argument_group('Loss')
     g.add_argument('--margin', type=float, default=0.2, help='triplet margin (0.2)')
-    g.add_argument('--measure', default='cosine', choices=['cosine'])
     g.add_argument('--direction', default='all', choices=['all', 't2v', 'v2t'])
     g.add_argument('--cost_style', default='sum', choices=['sum', 'mean'])
     g.add_argument('--max_violation', action='store_true', help='hardest negatives (all scripts pass it)')
-    g.add_argument('--text_norm', action='store_true', help='accepted for the scripts (embeddings are l2-normalised)')
-    g.add_argument('--visual_norm', action='store_true', help='accepted for the scripts')
-    g.add_argument('--dedup_negatives', type=bool_flag, default=False,
+    g.add_argument('--dedup_negatives', type=runs.bool_flag, default=False,
                    help='0 (parity): other captions of the same video in a batch are negatives; 1: ignored')
 
     g = p.add_argument_group('Training')
@@ -152,11 +134,10 @@ def get_args_parser():
                    help='validation batch (NRCCR 128, MLCMR 16; it changes padded pooling, keep it for parity)')
     g.add_argument('--early_stop', type=int, default=10,
                    help='stop after more than this many epochs without improvement (10)')
-    g.add_argument('--val_metric', default='recall', choices=['recall'])
     g.add_argument('--workers', type=int, default=5, help='data-loading processes (5)')
     g.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'], help='mixed precision (off)')
-    g.add_argument('--compile', type=bool_flag, default=False, help='torch.compile the model (0)')
-    g.add_argument('--sync_bn', type=bool_flag, default=True,
+    g.add_argument('--compile', type=runs.bool_flag, default=False, help='torch.compile the model (0)')
+    g.add_argument('--sync_bn', type=runs.bool_flag, default=True,
                    help='under DDP on GPUs, BatchNorm statistics over the global batch (1); CPU: per rank')
     g.add_argument('--max_steps_per_epoch', type=int, default=0, help='cap steps per epoch, 0 = all (for tests)')
 
@@ -169,17 +150,39 @@ def get_args_parser():
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     g.add_argument('--seed', type=int, default=0, help='random seed (0); CPU runs are repeatable')
     g.add_argument('--log_step', type=int, default=10, help='TensorBoard scalars every N steps (10)')
-    g.add_argument('--skip_test', type=bool_flag, default=False, help='1: do not test after training')
+    g.add_argument('--skip_test', type=runs.bool_flag, default=False, help='1: do not test after training')
+
+    g = p.add_argument_group('Compatibility (accepted, no effect)',
+                             "the original scripts pass these; they change nothing and are not part of the run's "
+                             'configuration hash')
+    g.add_argument('--collectionStrt', default='single', choices=['single'], help='collection structure')
+    g.add_argument('--model_type', default='video', choices=['video'], help='only the video variant exists')
+    g.add_argument('--text_layer', type=int, default=1, help='unused in the reference')
+    g.add_argument('--text_pooling', default='mean', choices=['mean'], help='text pooling is the mean')
+    g.add_argument('--video_pooling', default='mean', choices=['mean'], help='video pooling is the mean')
+    g.add_argument('--gru_pool', default='mean', choices=['mean'], help='GRU pooling is the mean')
+    g.add_argument('--momentum', type=float, default=None, help='Adam is used, as in the reference')
+    g.add_argument('--optim', default='adam', choices=['adam'], help='Adam')
+    g.add_argument('--measure', default='cosine', choices=['cosine'], help='cosine similarity')
+    g.add_argument('--text_norm', action='store_true', help='embeddings are always l2-normalised')
+    g.add_argument('--visual_norm', action='store_true', help='embeddings are always l2-normalised')
+    g.add_argument('--val_metric', default='recall', choices=['recall'], help='validation uses recalls')
     return p
+
+
+# ============ configuration ============
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()])
+    return finalize_args(parser.parse_args(argv))
 
 
 def finalize_args(args):
     """Validate and derive model-dependent defaults in one place (derived values get their own names)."""
-    i = 0 if args.model == 'nrccr' else 1
-    args.cv_name = args.cv_name or MODEL_DEFAULTS['cv_name'][i]
-    args.batch_size = args.batch_size or MODEL_DEFAULTS['batch_size'][i]
-    args.val_batch_size = args.eval_batch_size or MODEL_DEFAULTS['val_batch_size'][i]
-    args.test_batch_size = args.eval_batch_size or MODEL_DEFAULTS['test_batch_size'][i]
+    defaults = models.MODELS[args.model].RUN_DEFAULTS
+    args.cv_name = args.cv_name or defaults['cv_name']
+    args.batch_size = args.batch_size or defaults['batch_size']
+    args.val_batch_size = args.eval_batch_size or defaults['val_batch_size']
     if args.layer_list is None:
         args.layer_list = list(models.MODELS[args.model].DEFAULTS['trainable_layers'])
     dims = []
@@ -192,6 +195,12 @@ def finalize_args(args):
         raise SystemExit(f'--text_mapping_layers and --visual_mapping_layers must end in the same (joint space) '
                          f'size, got {dims[0]} and {dims[1]}')
     return args
+
+
+def data_cfg_from_args(args):
+    """The plain data config (util/data_provider.py DATA_DEFAULTS) the data side is built from; stored in
+    every checkpoint beside model_cfg."""
+    return dp.data_config(**{k: getattr(args, k) for k in dp.DATA_DEFAULTS})
 
 
 def model_cfg_from_args(args, feat_dim):
@@ -217,70 +226,183 @@ def model_cfg_from_args(args, feat_dim):
         packed_gru=args.packed_gru, train_mode=args.train_mode)
 
 
+def check_inputs(args):
+    """The collection and its feature and caption folders exist: checked before any run folder is made,
+    so a typo leaves nothing behind."""
+    collection = paths.collection_dir(args.rootpath, args.collection)
+    if not os.path.isdir(collection):
+        raise DataError(f'{collection}: no such collection folder; check --rootpath and --collection (a collection '
+                        'is a folder holding FeatureData/ and TextData/)')
+    features = paths.feature_dir(args.rootpath, args.collection, args.visual_feature)
+    if not os.path.isdir(features):
+        have = sorted(os.listdir(os.path.dirname(features))) if os.path.isdir(os.path.dirname(features)) else []
+        raise DataError(f'{features}: no such feature folder; check --visual_feature (found: '
+                        f'{", ".join(have) or "none"})')
+    text = paths.text_dir(args.rootpath, args.collection)
+    if not os.path.isdir(text):
+        raise DataError(f'{text}: no caption folder; put the caption files of {args.collection} there')
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 
-def autocast_factory(amp, device):
-    """One AMP code path: a no-op context for fp32, autocast(fp16|bf16) otherwise."""
-    if amp == 'off':
-        return contextlib.nullcontext
-    dtype = torch.float16 if amp == 'fp16' else torch.bfloat16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+# ============ run folder ============
+
+def prepare_run_dir(args, info):
+    """Create (or clean, with --overwrite 1) the run folder, remove temporary files a killed save left,
+    start logging; returns the run: directory, device, world size, main_process, finished."""
+    directory = runs.run_dir(args)
+    run = SimpleNamespace(directory=directory, device=info.device, world=info.world_size, rank=info.rank,
+                          main_process=dist.is_main(), finished_flag=os.path.join(directory, 'val_metric.txt'),
+                          last_path=os.path.join(directory, 'checkpoint_last.pth.tar'),
+                          best_path=os.path.join(directory, 'model_best.pth.tar'))
+    removed = []
+    if run.main_process:
+        os.makedirs(directory, exist_ok=True)
+        removed = runs.clean_run_dir(directory) if args.overwrite else ckpt.remove_stale_temp_files(directory)
+    dist.barrier()
+    runs.setup_logging(os.path.join(directory, 'train.log'), run.main_process)
+    if removed:
+        logger.info('removed %s: %s', 'the previous run (--overwrite 1)' if args.overwrite
+                    else 'temporary files of an interrupted save', ', '.join(os.path.basename(p) for p in removed))
+    run.finished = os.path.exists(run.finished_flag)
+    if not run.finished:
+        if run.main_process:
+            runs.write_identity(directory, args, {'world_size': run.world, 'device': str(run.device)})
+        logger.info('run dir: %s', directory)
+        logger.info('args: %s', json.dumps(vars(args), sort_keys=True, default=str))
+    return run
 
 
-class EvalData:
-    """Videos and captions of one evaluation split, built once."""
-
-    def __init__(self, args, split, tokenizer, store, purpose, target_language=None):
-        self.table = dp.eval_table(args, split, tokenizer, purpose=purpose, target_language=target_language)
-        store.check_videos(self.table.video_ids, self.table.files['primary'])
-        self.videos = self.table.videos
-        self.cap2vid = self.table.cap2vid()
-        self.video_set = dp.VideoDataset(self.videos, store, frame_sampling=args.frame_sampling)
-        self.text_set = dp.TextDataset(self.table)
+def seed_and_backends(args, run):
+    seed_everything(args.seed)          # identical initial weights on every rank
+    if run.device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
-def embed_split(model, data, batch_size, device, workers, autocast, distributed):
-    """{'primary': sims, 'second': sims}: [captions, videos] similarity matrices on CPU."""
-    d = dist if distributed else None
-    videos = evaluation.encode_videos(model, data.video_set, batch_size, device, workers, autocast, d)
-    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, workers, autocast, d)
-    return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
+# ============ data, model ============
 
+def build_data(args, data_cfg, run):
+    """Tokenizer, frame store, training set and loader, validation data."""
+    tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
+    store = dp.FrameStore(paths.feature_dir(args.rootpath, data_cfg['collection'], data_cfg['visual_feature']))
+    table = dp.train_table(args.rootpath, data_cfg, tokenizer)
+    train_set = dp.TrainDataset(table, store, augment=args.model == 'mlcmr', mask_id=tokenizer.mask_token_id,
+                                frame_sampling=data_cfg['frame_sampling'], seed=args.seed)
+    val = dp.EvalData(args.rootpath, data_cfg, data_cfg['val_split'], tokenizer, store, purpose='val')
+    sampler = None
+    if run.world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed)
+    loader = dp.make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
+                            sampler=sampler, pin_memory=run.device.type == 'cuda')
+    logger.info('train: %d captions of %d videos (%s); val: %d captions, %d videos',
+                len(train_set), len(table.videos), ', '.join(table.files.values()), len(val.table), len(val.videos))
+    return SimpleNamespace(cfg=data_cfg, store=store, train_set=train_set, sampler=sampler, loader=loader, val=val)
+
+
+def build_model(args, model_cfg, run):
+    """The model, its DDP / compiled wrapper, optimisers, gradient scaler and autocast factory."""
+    model = models.build_model(model_cfg).to(run.device)
+    optimizers = model.configure_optimizers(args.learning_rate, args.glr)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info('model %s: %.1fM parameters, %.1fM trainable', args.model,
+                sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6)
+    ddp_model = model
+    if run.world > 1:
+        if args.sync_bn and run.device.type == 'cuda':
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:   # SyncBatchNorm needs CUDA: statistics stay per rank, running stats come from rank 0
+            logger.info('BatchNorm statistics per rank (SyncBatchNorm needs CUDA); running stats from rank 0')
+        ignore = [n for n, _ in model.named_parameters() if n.startswith('discriminator.')]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+        model.set_distributed(dist.all_gather_with_grad, dist.all_reduce_mean_, run.world)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model, dynamic=True)    # padded lengths vary from batch to batch
+    return SimpleNamespace(cfg=model_cfg, model=model, ddp_model=ddp_model, optimizers=optimizers,
+                           scaler=torch.amp.GradScaler(run.device.type, enabled=args.amp == 'fp16'),
+                           autocast=autocast_factory(args.amp, run.device))
+
+
+# ============ resume, checkpoint ============
+
+def resume(args, run, net):
+    """The training state: fresh, or restored from --resume / the run's checkpoint_last (weights, optimisers,
+    scaler, RNG states, schedule, history). The history files are rewritten from the checkpoint, so a kill
+    at any moment leaves them exactly as an uninterrupted run's."""
+    state = {'epoch': 0, 'global_step': 0, 'best_score': 0.0, 'lr': args.learning_rate, 'lr_counter': 0,
+             'no_impr_counter': 0, 'history': [], 'resumed_from': None}
+    path = args.resume or (run.last_path if os.path.exists(run.last_path) and not args.overwrite else '')
+    if path:
+        saved = ckpt.load_checkpoint(path)
+        net.model.load_state_dict(saved['model'])
+        for name, opt in net.optimizers.items():
+            opt.load_state_dict(saved['optimizers'][name])
+        net.scaler.load_state_dict(saved['scaler'])
+        for key in STATE_KEYS:
+            state[key] = saved[key]
+        # checkpoints written before the history was stored in them: take it from metrics.jsonl
+        state['history'] = list(saved['history']) if 'history' in saved else runs.read_history(
+            run.directory, state['epoch'])
+        state['resumed_from'] = path
+        ckpt.restore_rng_state(saved['rng'][run.rank] if run.rank < len(saved['rng']) else saved['rng'][0])
+        logger.info('resumed from %s at epoch %d (lr %.3g, best %.2f)', path, state['epoch'], state['lr'],
+                    state['best_score'])
+    if run.main_process:
+        runs.write_history(run.directory, state['history'])
+    set_lr(net.optimizers['main'], state['lr'])
+    return state
+
+
+def checkpoint_dict(args, data_cfg, net, state):
+    """Everything a resume needs, tensors and plain types only (collective: gathers every rank's RNG)."""
+    return {'format_version': ckpt.FORMAT_VERSION, 'model_name': args.model, 'model_cfg': net.cfg,
+            'data_cfg': data_cfg, 'model': ckpt.strip_module_prefix(net.model.state_dict()),
+            'optimizers': {k: o.state_dict() for k, o in net.optimizers.items()},
+            'scaler': net.scaler.state_dict(), 'args': dict(vars(args)),
+            'rng': dist.all_gather_object(ckpt.capture_rng_state()),
+            'history': list(state['history']), **{k: state[k] for k in STATE_KEYS}}
+
+
+# ============ training ============
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group['lr'] = lr
 
 
-def train_one_epoch(state, model, ddp_model, loader, optimizers, scaler, autocast, args, writer, world):
-    """One pass over the training data; returns the epoch's mean logs and samples/s."""
+def embed_split(model, data, batch_size, device, workers, autocast, distributed):
+    """{'primary': sims, 'second': sims}: [captions, videos] float64 similarity matrices on CPU."""
+    d = dist if distributed else None
+    videos = evaluation.encode_videos(model, data.video_set, batch_size, device, workers, autocast, d)
+    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, workers, autocast, d)
+    return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
+
+
+def train_one_epoch(args, run, net, loader, state, writer):
+    """One pass over the training data (util/training.py train_step per batch); returns the epoch's mean logs
+    and samples/s."""
     from tqdm import tqdm
-    main_params = model.main_parameters()
-    model.train()
+    main_params = net.model.main_parameters()
+    net.model.train()
     sums, count, samples, t0 = {}, 0, 0, time.time()
     total = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
     bar = tqdm(loader, total=total, desc=f'epoch {state["epoch"]}', leave=False, dynamic_ncols=True,
-               disable=None if dist.is_main() else True)   # None: off when stderr is not a terminal
+               disable=None if run.main_process else True)   # None: off when stderr is not a terminal
     for step, batch in enumerate(bar):
         if step >= total:
             break
-        batch = dp.move_to(batch, state['device'])
-        with autocast():
-            outputs = ddp_model(batch)
-            loss, logs = model.training_loss(outputs)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f'non-finite loss {loss.item()} at epoch {state["epoch"]} step {step} '
-                                     f'(lr {optimizers["main"].param_groups[0]["lr"]:.3g}); logs: {logs}')
-        optimizers['main'].zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizers['main'])
-        torch.nn.utils.clip_grad_norm_(main_params, args.grad_clip)
-        scaler.step(optimizers['main'])
-        scaler.update()
+        batch = dp.move_to(batch, run.device)
+        try:
+            logs = train_step(net.model, net.ddp_model, batch, net.optimizers, net.scaler, net.autocast,
+                              args.grad_clip, main_params)
+        except FloatingPointError as e:
+            raise FloatingPointError(f'epoch {state["epoch"]} step {step}: {e}') from None
         state['global_step'] += 1
         samples += batch['index'].shape[0]
         count += 1
@@ -288,180 +410,151 @@ def train_one_epoch(state, model, ddp_model, loader, optimizers, scaler, autocas
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f'{logs["loss"]:.3f}')
         if state['global_step'] % args.log_step == 0:
-            writer.scalars(dict(logs, lr=optimizers['main'].param_groups[0]['lr']), state['global_step'], 'train/')
+            writer.scalars(dict(logs, lr=net.optimizers['main'].param_groups[0]['lr']), state['global_step'],
+                           'train/')
     elapsed = max(time.time() - t0, 1e-9)
-    return {k: v / max(count, 1) for k, v in sums.items()}, samples * world / elapsed
+    return {k: v / max(count, 1) for k, v in sums.items()}, samples * run.world / elapsed
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()])
-    args = finalize_args(parser.parse_args(argv))
-    return runs.run_cli(_main, args)
+def validate(args, run, data, net):
+    sims = embed_split(net.model, data.val, args.val_batch_size, run.device, args.workers, net.autocast,
+                       run.world > 1)
+    return net.model.validation_score(sims, data.val.cap2vid)
 
 
-def _main(args):
-    # ============ device, distributed, seeds ============
-    info = dist.init_distributed(args.device)
-    device, world = info.device, info.world_size
-    directory = runs.run_dir(args)
-    main_process = dist.is_main()
-    if main_process:
-        os.makedirs(directory, exist_ok=True)
-    dist.barrier()
-    runs.setup_logging(os.path.join(directory, 'train.log'), main_process)
-    finished_flag = os.path.join(directory, 'val_metric.txt')
-    if os.path.exists(finished_flag) and not args.overwrite:
-        logger.info('run already finished: %s (same configuration); pass --overwrite 1 to train again', directory)
-        return {'run_dir': directory, 'skipped': True}
-    if main_process:
-        runs.write_identity(directory, args, {'world_size': world, 'device': str(device)})
-    logger.info('run dir: %s', directory)
-    logger.info('args: %s', json.dumps(vars(args), sort_keys=True, default=str))
-    seed_everything(args.seed)          # identical initial weights on every rank
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def update_schedule(args, state, score, optimizer):
+    """Early-stopping counter and learning rate after an epoch (docs/training.md, 'Schedule'): decay every
+    epoch, halve after a non-improving epoch once more than 2 epochs passed since the last halving."""
+    improved = score > state['best_score']
+    state['no_impr_counter'] = 0 if improved else state['no_impr_counter'] + 1
+    if improved:
+        state['best_score'] = score
+    state['lr'] *= args.lr_decay_rate
+    state['lr_counter'] += 1
+    if not improved and state['lr_counter'] > 2:
+        state['lr'] *= 0.5
+        state['lr_counter'] = 0
+    set_lr(optimizer, state['lr'])
+    return improved
 
-    # ============ data ============
-    tokenizer = dp.build_tokenizer(args.bert_name, args.tokenizer_lower_case)
-    store = dp.FrameStore(paths.feature_dir(args.rootpath, args.collection, args.visual_feature))
-    train_table = dp.train_table(args, tokenizer)
-    train_set = dp.TrainDataset(train_table, store, augment=args.model == 'mlcmr', mask_id=tokenizer.mask_token_id,
-                                frame_sampling=args.frame_sampling, seed=args.seed)
-    val_data = EvalData(args, args.val_split, tokenizer, store, purpose='val')
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed)
-    loader = dp.make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
-                            sampler=sampler, pin_memory=device.type == 'cuda')
-    logger.info('train: %d captions of %d videos (%s); val: %d captions, %d videos',
-                len(train_set), len(train_table.videos), ', '.join(train_table.files.values()),
-                len(val_data.table), len(val_data.videos))
 
-    # ============ model, optimisers ============
-    cfg = model_cfg_from_args(args, store.dim)
-    model = models.build_model(cfg).to(device)
-    optimizers = model.configure_optimizers(args.learning_rate, args.glr)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info('model %s: %.1fM parameters, %.1fM trainable', args.model,
-                sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6)
-    ddp_model = model
-    if world > 1:
-        if args.sync_bn and device.type == 'cuda':
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:   # SyncBatchNorm needs CUDA: statistics stay per rank, running stats come from rank 0
-            logger.info('BatchNorm statistics per rank (SyncBatchNorm needs CUDA); running stats from rank 0')
-        ignore = [n for n, _ in model.named_parameters() if n.startswith('discriminator.')]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-        model.gather, model.grad_sync, model.world_size = dist.all_gather_with_grad, dist.all_reduce_mean_, world
-    if args.compile:
-        ddp_model = torch.compile(ddp_model, dynamic=True)    # padded lengths vary from batch to batch
-    autocast = autocast_factory(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    seed_everything(args.seed + info.rank)
+def training_done(args, state):
+    """All epochs run, or early stopping (more than --early_stop epochs without improvement); read from the
+    state alone, so a resumed run that had stopped early stays stopped."""
+    return state['epoch'] >= args.num_epochs or (state['epoch'] > 0 and state['no_impr_counter'] > args.early_stop)
 
-    # ============ resume ============
-    state = {'epoch': 0, 'global_step': 0, 'best_score': 0.0, 'lr': args.learning_rate, 'lr_counter': 0,
-             'no_impr_counter': 0, 'device': device}
-    last_path = os.path.join(directory, 'checkpoint_last.pth.tar')
-    best_path = os.path.join(directory, 'model_best.pth.tar')
-    resume_path = args.resume or (last_path if os.path.exists(last_path) and not args.overwrite else '')
-    if resume_path:
-        saved = ckpt.load_checkpoint(resume_path)
-        model.load_state_dict(saved['model'])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(saved['optimizers'][name])
-        scaler.load_state_dict(saved['scaler'])
-        for key in ('epoch', 'global_step', 'best_score', 'lr', 'lr_counter', 'no_impr_counter'):
-            state[key] = saved[key]
-        ckpt.restore_rng_state(saved['rng'][info.rank] if info.rank < len(saved['rng']) else saved['rng'][0])
-        logger.info('resumed from %s at epoch %d (lr %.3g, best %.2f)', resume_path, state['epoch'],
-                    state['lr'], state['best_score'])
-    set_lr(optimizers['main'], state['lr'])
 
-    def checkpoint_dict():
-        return {'format_version': ckpt.FORMAT_VERSION, 'model_name': args.model, 'model_cfg': cfg,
-                'model': ckpt.strip_module_prefix(model.state_dict()),
-                'optimizers': {k: o.state_dict() for k, o in optimizers.items()}, 'scaler': scaler.state_dict(),
-                'args': {k: v for k, v in vars(args).items()},
-                'rng': dist.all_gather_object(ckpt.capture_rng_state()),
-                **{k: state[k] for k in ('epoch', 'global_step', 'best_score', 'lr', 'lr_counter',
-                                         'no_impr_counter')}}
+def run_epoch(args, run, data, net, state, writer):
+    """Train, validate, schedule; then checkpoint (best, last) and rewrite the history from the state."""
+    epoch = state['epoch']
+    data.train_set.set_epoch(epoch)
+    data.loader.generator.manual_seed(args.seed * 100003 + epoch)   # shuffling depends on (seed, epoch) only,
+    if data.sampler is not None:                                    # so a resumed run sees the same order
+        data.sampler.set_epoch(epoch)
+    t0 = time.time()
+    train_logs, samples_per_s = train_one_epoch(args, run, net, data.loader, state, writer)
+    dist.broadcast_buffers_(net.model)      # every rank evaluates with rank 0's BatchNorm statistics
+    score, val_logs = validate(args, run, data, net)
+    improved = update_schedule(args, state, score, net.optimizers['main'])
+    state['epoch'] = epoch + 1
+    record = dict(epoch=epoch, score=score, best=state['best_score'], improved=improved, lr=state['lr'],
+                  samples_per_s=samples_per_s, seconds=time.time() - t0,
+                  **{f'train/{k}': v for k, v in train_logs.items()}, **val_logs)
+    state['history'].append(record)
+    saved = checkpoint_dict(args, data.cfg, net, state)        # collective (RNG states of every rank)
+    if run.main_process:
+        if improved:
+            ckpt.save_checkpoint(saved, run.best_path)
+        ckpt.save_checkpoint(saved, run.last_path)     # marks the epoch done; its history is inside
+        writer.history(state['history'])
+    writer.scalars(dict(val_logs, val_score=score), state['global_step'])
+    logger.info('epoch %d: loss %.4f | val score %.2f (best %.2f%s) | lr %.3g | %.0f samples/s | %.0fs',
+                epoch, train_logs.get('loss', float('nan')), score, state['best_score'],
+                ', improved' if improved else '', state['lr'], samples_per_s, time.time() - t0)
 
-    # ============ training loop ============
-    writer = runs.MetricsWriter(directory, enabled=main_process)
-    if args.num_epochs == 0 and not resume_path:
-        # An untrained baseline: the initial weights become the "best" checkpoint, so the test step reports
-        # what training adds.
-        sims = embed_split(model, val_data, args.val_batch_size, device, args.workers, autocast, world > 1)
-        state['best_score'], _ = model.validation_score(sims, val_data.cap2vid)
-        saved = checkpoint_dict()
-        if main_process:
-            ckpt.save_checkpoint(saved, best_path)
-        logger.info('--num_epochs 0: saved the untrained model (val score %.2f)', state['best_score'])
+
+def train_loop(args, run, data, net, state):
+    writer = runs.MetricsWriter(run.directory, enabled=run.main_process, purge_step=state['global_step'])
     try:
-        while state['epoch'] < args.num_epochs:
-            epoch = state['epoch']
-            train_set.set_epoch(epoch)
-            loader.generator.manual_seed(args.seed * 100003 + epoch)   # shuffling depends on (seed, epoch) only,
-            if sampler is not None:                                     # so a resumed run sees the same order
-                sampler.set_epoch(epoch)
-            t0 = time.time()
-            train_logs, samples_per_s = train_one_epoch(state, model, ddp_model, loader, optimizers, scaler,
-                                                        autocast, args, writer, world)
-            dist.broadcast_buffers_(model)      # every rank evaluates with rank 0's BatchNorm statistics
-            sims = embed_split(model, val_data, args.val_batch_size, device, args.workers, autocast, world > 1)
-            score, val_logs = model.validation_score(sims, val_data.cap2vid)
-            improved = score > state['best_score']
-            state['no_impr_counter'] = 0 if improved else state['no_impr_counter'] + 1
-            if improved:
-                state['best_score'] = score
-            # learning-rate schedule (docs/training.md, 'Schedule'): decay every epoch, halve after non-improving epochs
-            state['lr'] *= args.lr_decay_rate
-            state['lr_counter'] += 1
-            if not improved and state['lr_counter'] > 2:
-                state['lr'] *= 0.5
-                state['lr_counter'] = 0
-            set_lr(optimizers['main'], state['lr'])
-            state['epoch'] = epoch + 1
-            saved = checkpoint_dict()           # collective (RNG states of every rank)
-            if main_process:
-                if improved:
-                    ckpt.save_checkpoint(saved, best_path)
-                ckpt.save_checkpoint(saved, last_path)
-                with open(os.path.join(directory, 'val_metric_hist.txt'), 'a') as f:
-                    f.write(f'epoch_{epoch}: {score}\n')
-            writer.scalars(dict(val_logs, val_score=score), state['global_step'])
-            record = dict(epoch=epoch, score=score, best=state['best_score'], improved=improved,
-                          lr=state['lr'], samples_per_s=samples_per_s, seconds=time.time() - t0,
-                          **{f'train/{k}': v for k, v in train_logs.items()}, **val_logs)
-            writer.epoch_line(record)
-            logger.info('epoch %d: loss %.4f | val score %.2f (best %.2f%s) | lr %.3g | %.0f samples/s | %.0fs',
-                        epoch, train_logs.get('loss', float('nan')), score, state['best_score'],
-                        ', improved' if improved else '', state['lr'], samples_per_s, time.time() - t0)
-            if state['no_impr_counter'] > args.early_stop:
-                logger.info('early stop: %d epochs without improvement', state['no_impr_counter'])
-                break
+        if args.num_epochs == 0 and state['resumed_from'] is None:
+            # An untrained baseline: the initial weights become the "best" checkpoint, so the test step
+            # reports what training adds.
+            state['best_score'], _ = validate(args, run, data, net)
+            saved = checkpoint_dict(args, data.cfg, net, state)
+            if run.main_process:
+                ckpt.save_checkpoint(saved, run.best_path)
+            logger.info('--num_epochs 0: saved the untrained model (val score %.2f)', state['best_score'])
+        while not training_done(args, state):
+            run_epoch(args, run, data, net, state, writer)
+        if state['epoch'] < args.num_epochs:
+            logger.info('early stop: %d epochs without improvement', state['no_impr_counter'])
     except KeyboardInterrupt:
         logger.warning('interrupted at epoch %d; run the same command again to resume from %s',
-                       state['epoch'], last_path)
+                       state['epoch'], run.last_path)
         raise
     finally:
         writer.close()
 
-    if main_process:
-        with open(finished_flag, 'w') as f:
-            f.write(f'best performance on validation: {state["best_score"]}\n')
-    logger.info('training finished: best validation score %.2f, checkpoint %s', state['best_score'], best_path)
-    result = {'run_dir': directory, 'best_score': state['best_score'], 'epochs': state['epoch']}
+
+# ============ finish, test ============
+
+def finish(run, state):
+    """Mark the training finished (val_metric.txt); the test that follows is not part of the mark."""
+    if run.main_process:
+        runs.atomic_write_text(run.finished_flag, f'best performance on validation: {state["best_score"]}\n')
+    logger.info('training finished: best validation score %.2f, checkpoint %s', state['best_score'], run.best_path)
     dist.barrier()
-    if not args.skip_test and main_process:
-        import tester
-        tester_argv = ['--rootpath', args.rootpath, '--collection', args.collection, '--logger_name', directory,
-                       '--device', str(device), '--workers', str(args.workers), '--overwrite', '1']
-        result['test'] = tester.main(tester_argv)
+    return {'run_dir': run.directory, 'best_score': state['best_score'], 'epochs': state['epoch']}
+
+
+def tester_argv(args, run, overwrite):
+    """The tester's command line for this run: its checkpoint and its evaluation settings."""
+    argv = ['--rootpath', args.rootpath, '--collection', args.collection, '--logger_name', run.directory,
+            '--device', str(run.device), '--workers', str(args.workers), '--overwrite', '1' if overwrite else '0',
+            '--amp', args.amp, '--strict', str(int(args.strict)), '--bert_name', args.bert_name]
+    if args.eval_batch_size:
+        argv += ['--eval_batch_size', str(args.eval_batch_size)]
+    return argv
+
+
+def test_after_training(args, run, overwrite):
+    """Test the best checkpoint (main process). overwrite=False: only when its results are missing."""
+    if not run.main_process:
+        return None
+    import tester
+    return tester.main(tester_argv(args, run, overwrite))
+
+
+def rerun_finished(args, run):
+    """The same command on a finished run: test it when its test results are missing, else nothing."""
+    logger.info('run already finished: %s (same configuration); pass --overwrite 1 to train again', run.directory)
+    result = {'run_dir': run.directory, 'skipped': True}
+    if not args.skip_test:
+        result['test'] = test_after_training(args, run, overwrite=False)
+    dist.cleanup()
+    return result
+
+
+# ============ main ============
+
+def main(argv=None):
+    return runs.run_cli(_main, parse_args(argv))
+
+
+def _main(args):
+    check_inputs(args)                          # before any folder is made
+    run = prepare_run_dir(args, dist.init_distributed(args.device))
+    if run.finished:
+        return rerun_finished(args, run)
+    seed_and_backends(args, run)
+    data = build_data(args, data_cfg_from_args(args), run)
+    net = build_model(args, model_cfg_from_args(args, data.store.dim), run)
+    seed_everything(args.seed + run.rank)
+    state = resume(args, run, net)
+    train_loop(args, run, data, net, state)
+    result = finish(run, state)
+    if not args.skip_test:
+        result['test'] = test_after_training(args, run, overwrite=True)
     dist.cleanup()
     return result
 

@@ -22,6 +22,17 @@ LABEL_SITUATIONS = ('human_label', 'translate')
 TARGET_LANGUAGES = ('zh', 'en')
 CLEAN_RULES = ('en', 'raw', 'auto')
 
+# Caption roles: the names of the caption streams in tables and batches (batch['text'][role]).
+ROLE_SRC, ROLE_TR, ROLE_BT = 'src', 'tr', 'bt'         # NRCCR training: source, translation, back-translation
+ROLE_PRIMARY, ROLE_SECOND = 'primary', 'second'        # evaluation: the two matrices that are fused
+ROLE_EN, ROLE_ZH, ROLE_HALF = 'en', 'zh', 'half'       # MLCMR training; 'half' = the non-parallel mixed stream
+MLCMR_TRAIN_ROLES = (ROLE_EN, ROLE_ZH, ROLE_HALF)
+MASKED_SUFFIX = '_masked'                              # MLCMR: the [MASK]-augmented copy of a stream
+
+
+def masked_role(role):
+    return f'{role}{MASKED_SUFFIX}'
+
 
 @dataclass(frozen=True)
 class CaptionStream:
@@ -77,22 +88,22 @@ def nrccr_streams(collection, split, data_type='google_enc2zh'):
     _check('split', split, SPLITS)
     C = collection
     if split == 'train':
-        return [CaptionStream('src', (_file(C, 'train'),), 'en'),
-                CaptionStream('tr', (_file(C, 'train', f'_{data_type}'),), 'raw'),
-                CaptionStream('bt', (_file(C, 'train', f'_{data_type}2enc'),), 'raw')]
+        return [CaptionStream(ROLE_SRC, (_file(C, 'train'),), 'en'),
+                CaptionStream(ROLE_TR, (_file(C, 'train', f'_{data_type}'),), 'raw'),
+                CaptionStream(ROLE_BT, (_file(C, 'train', f'_{data_type}2enc'),), 'raw')]
     if 'enc2' not in data_type:
         raise ValueError(f'data_type {data_type!r} does not name a target language ("<provider>_enc2<xx>")')
     provider, xx = data_type.split('_')[0], data_type.split('enc2', 1)[1]
-    return [CaptionStream('primary', (_file(C, split, f'_{provider}_{xx}2enc'),
+    return [CaptionStream(ROLE_PRIMARY, (_file(C, split, f'_{provider}_{xx}2enc'),
                                       _file(C, split, f'_{provider}_{xx}c2en')), 'en'),
-            CaptionStream('second', (_file(C, split, f'_{xx}'),), 'raw')]
+            CaptionStream(ROLE_SECOND, (_file(C, split, f'_{xx}'),), 'raw')]
 
 
 def mlcmr_val_streams(collection, split='val'):
     """MLCMR validation streams of any split: en `<C><split>` (cleaned) + zh `<C><split>_zh` (raw). The MSR-VTT
     parity quirk (docs/data.md, 'MLCMR caption files') validates on split='test'."""
-    return [CaptionStream('en', (_file(collection, split),), 'en'),
-            CaptionStream('zh', (_file(collection, split, '_zh'),), 'raw')]
+    return [CaptionStream(ROLE_EN, (_file(collection, split),), 'en'),
+            CaptionStream(ROLE_ZH, (_file(collection, split, '_zh'),), 'raw')]
 
 
 def mlcmr_streams(collection, split, train_mode='parallel', label_situation='translate', target_language='zh'):
@@ -110,11 +121,11 @@ def mlcmr_streams(collection, split, train_mode='parallel', label_situation='tra
     if split == 'val':
         return mlcmr_val_streams(C, 'val')
     if split == 'train' and train_mode == 'unparallel':
-        return [CaptionStream('half', (_file(C, 'train', '_half'),), 'auto')]
-    en_human = CaptionStream('en', (_file(C, split),), 'en')
-    en_mt = CaptionStream('en', (_file(C, split, '_google_zhc2en'), _file(C, split, '_google_zh2enc')), 'en')
-    zh_human = CaptionStream('zh', (_file(C, split, '_zh'),), 'raw')
-    zh_mt = CaptionStream('zh', (_file(C, split, '_google_enc2zh'),), 'raw')
+        return [CaptionStream(ROLE_HALF, (_file(C, 'train', '_half'),), 'auto')]
+    en_human = CaptionStream(ROLE_EN, (_file(C, split),), 'en')
+    en_mt = CaptionStream(ROLE_EN, (_file(C, split, '_google_zhc2en'), _file(C, split, '_google_zh2enc')), 'en')
+    zh_human = CaptionStream(ROLE_ZH, (_file(C, split, '_zh'),), 'raw')
+    zh_mt = CaptionStream(ROLE_ZH, (_file(C, split, '_google_enc2zh'),), 'raw')
     if split == 'train' and label_situation == 'human_label':
         return [en_human, zh_human]
     # English is the MT side when training for target en (translate) or testing target zh

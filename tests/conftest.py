@@ -35,15 +35,17 @@ def tiny_train_argv(root, run_tag, *extra):
 def val_score_of_checkpoint(path, argv):
     """Validation score of a saved checkpoint, evaluated in this one process with the run's settings."""
     import torch
-    import tester
+    import model as models
     import trainer
     from basic import paths
     from util import data_provider as dp
-    model, _ = tester.load_model(path)
-    args = trainer.finalize_args(trainer.get_args_parser().parse_args(argv))
+    from util.precision import autocast_factory
+    model, _ = models.load_model(path)
+    args = trainer.parse_args(argv)
+    data_cfg = trainer.data_cfg_from_args(args)
     tok = dp.build_tokenizer(args.bert_name, True)
     store = dp.FrameStore(paths.feature_dir(args.rootpath, args.collection, args.visual_feature))
-    val = trainer.EvalData(args, 'val', tok, store, purpose='val')
+    val = dp.EvalData(args.rootpath, data_cfg, 'val', tok, store, purpose='val')
     sims = trainer.embed_split(model, val, args.val_batch_size, torch.device('cpu'), 0,
-                               trainer.autocast_factory('off', None), False)
+                               autocast_factory('off', None), False)
     return model.validation_score(sims, val.cap2vid)[0]

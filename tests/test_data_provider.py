@@ -1,5 +1,4 @@
 """Data pipeline: one-time tokenisation, augmentations, collate, determinism, non-parallel split, errors."""
-import argparse
 import os
 import shutil
 
@@ -13,10 +12,8 @@ from util import data_provider as dp
 
 
 def provider_args(root, **kw):
-    base = dict(rootpath=root, collection='toy', model='nrccr', data_type='google_enc2zh', strict=False,
-                train_mode='parallel', label_situation='translate', target_language='zh')
-    base.update(kw)
-    return argparse.Namespace(**base)
+    """(rootpath, data_cfg) of the toy collection, for dp.train_table / dp.eval_table."""
+    return root, dp.data_config(**dict(dict(collection='toy'), **kw))
 
 
 @pytest.fixture(scope='module')
@@ -99,7 +96,7 @@ def test_tokenised_once_not_per_item(toy_root, tok, store, monkeypatch):
     calls = []
     real = type(tok).__call__
     monkeypatch.setattr(type(tok), '__call__', lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    table = dp.train_table(provider_args(toy_root), tok)
+    table = dp.train_table(*provider_args(toy_root), tok)
     n_calls = len(calls)
     assert n_calls == 3                                   # one batched call per caption stream
     ds = dp.TrainDataset(table, store)
@@ -109,7 +106,7 @@ def test_tokenised_once_not_per_item(toy_root, tok, store, monkeypatch):
 
 
 def test_train_items_pair_by_video_and_k(toy_root, tok, store):
-    table = dp.train_table(provider_args(toy_root), tok)
+    table = dp.train_table(*provider_args(toy_root), tok)
     assert set(table.tokens) == {'src', 'tr', 'bt'}
     with open(os.path.join(toy_root, 'toy', 'TextData', 'toytrain_google_enc2zh.caption.txt'), encoding='utf-8') as f:
         mt = dict(line.strip().split(' ', 1) for line in f if line.strip())
@@ -120,7 +117,7 @@ def test_train_items_pair_by_video_and_k(toy_root, tok, store):
 
 
 def test_mlcmr_augmentation_is_deterministic_and_varies_by_epoch(toy_root, tok, store):
-    table = dp.train_table(provider_args(toy_root, model='mlcmr'), tok)
+    table = dp.train_table(*provider_args(toy_root, model='mlcmr'), tok)
     ds = dp.TrainDataset(table, store, augment=True, mask_id=103, seed=1)
     a, b = ds[3], ds[3]
     assert np.array_equal(a['text']['en_masked'], b['text']['en_masked'])
@@ -133,7 +130,7 @@ def test_mlcmr_augmentation_is_deterministic_and_varies_by_epoch(toy_root, tok, 
 
 
 def test_loader_workers_give_identical_batches(toy_root, tok, store):
-    table = dp.train_table(provider_args(toy_root, model='mlcmr'), tok)
+    table = dp.train_table(*provider_args(toy_root, model='mlcmr'), tok)
     ds = dp.TrainDataset(table, store, augment=True, mask_id=103)
     batches = []
     for workers in (0, 2):
@@ -145,7 +142,7 @@ def test_loader_workers_give_identical_batches(toy_root, tok, store):
 
 
 def test_collate_text_padding_and_same_video(toy_root, tok, store):
-    table = dp.train_table(provider_args(toy_root), tok)
+    table = dp.train_table(*provider_args(toy_root), tok)
     ds = dp.TrainDataset(table, store)
     batch = dp.collate([ds[i] for i in range(6)])
     src = batch['text']['src']
@@ -158,8 +155,8 @@ def test_collate_text_padding_and_same_video(toy_root, tok, store):
 
 
 def test_derived_non_parallel_split(toy_root, tok):
-    table = dp.train_table(provider_args(toy_root, model='mlcmr', train_mode='unparallel'), tok)
-    again = dp.train_table(provider_args(toy_root, model='mlcmr', train_mode='unparallel'), tok)
+    table = dp.train_table(*provider_args(toy_root, model='mlcmr', train_mode='unparallel'), tok)
+    again = dp.train_table(*provider_args(toy_root, model='mlcmr', train_mode='unparallel'), tok)
     assert table.cap_ids == again.cap_ids                        # deterministic
     en_videos = {v for c, v in zip(table.cap_ids, table.video_ids) if '#enc#' in c}
     zh_videos = {v for c, v in zip(table.cap_ids, table.video_ids) if '#zh#' in c}
@@ -173,16 +170,16 @@ def test_missing_partner_skips_or_fails_under_strict(toy_root, tok, tmp_path, ca
     path = root / 'toy' / 'TextData' / 'toytrain_google_enc2zh2enc.caption.txt'
     lines = path.read_text(encoding='utf-8').splitlines()
     path.write_text('\n'.join(lines[2:]) + '\n', encoding='utf-8')          # two back-translations missing
-    full = dp.train_table(provider_args(toy_root), tok)
-    table = dp.train_table(provider_args(str(root)), tok)
+    full = dp.train_table(*provider_args(toy_root), tok)
+    table = dp.train_table(*provider_args(str(root)), tok)
     assert len(table) == len(full) - 2
     assert 'missing' in caplog.text.lower() or 'skip' in caplog.text.lower()
     with pytest.raises(DataError, match='toytrain_google_enc2zh2enc'):
-        dp.train_table(provider_args(str(root), strict=True), tok)
+        dp.train_table(*provider_args(str(root), strict=True), tok)
 
 
 def test_video_without_frames_is_listed(toy_root, tok, store):
-    table = dp.train_table(provider_args(toy_root), tok)
+    table = dp.train_table(*provider_args(toy_root), tok)
     table.video_ids[0] = 'ghost_video_1'
     with pytest.raises(DataError, match='ghost_video_1') as e:
         dp.TrainDataset(table, store)
@@ -198,8 +195,7 @@ def test_real_sample_captions_tokenise(tok, tmp_path):
     text_dir.mkdir(parents=True)
     for name in ('vatextest_google_zhc2en.caption.txt', 'vatextest_zh.caption.txt'):
         shutil.copy(SHARED_DATA / 'vatex_sample' / name, text_dir / name)
-    args = provider_args(str(tmp_path), collection='vatex')
-    table = dp.eval_table(args, 'test', tok)
+    table = dp.eval_table(*provider_args(str(tmp_path), collection='vatex'), 'test', tok)
     assert table.files['primary'].endswith('vatextest_google_zhc2en.caption.txt')   # zhc2en naming accepted
     assert len(table) == 410 and len(table.videos) == 41
     assert all(len(t) >= 2 for t in table.tokens['second'])

@@ -79,7 +79,6 @@ def save_release(path, parts, opt):
     dict(visual_kernel_sizes=[2, 3], visual_rnn_size=8, visual_kernel_num=4, concate='reduced', mapping_dim=40),
 ])
 def test_mlcmr_release_checkpoint_gives_identical_embeddings(toy_root, tmp_path, variant, wrapped):
-    import tester
     torch.manual_seed(0)
     ours = trained_looking(models.build_model(small_cfg(toy_root, 'mlcmr', **variant)))
     parts = to_mlcmr_release_format(ours, wrapped)
@@ -96,7 +95,7 @@ def test_mlcmr_release_checkpoint_gives_identical_embeddings(toy_root, tmp_path,
 
     saved = ckpt.load_checkpoint(path)
     assert saved['legacy'] is True and saved['legacy_model'] == 'mlcmr' and saved['best_rsum'] == 211.25
-    loaded, train_args = tester.load_model(str(path), bert_name=os.path.join(toy_root, 'tiny_bert'))
+    loaded, train_args = models.load_model(str(path), bert_name=os.path.join(toy_root, 'tiny_bert'))
     loaded.eval()
     assert train_args['model'] == 'mlcmr' and train_args['collection'] == 'toy'
     assert (train_args['train_mode'], train_args['label_situation'], train_args['target_language']) == \
@@ -132,14 +131,13 @@ def test_mlcmr_release_checkpoint_with_a_foreign_class_is_refused(toy_root, tmp_
 
 
 def test_mlcmr_text_encoder_with_unknown_entries_is_refused(toy_root, tmp_path):
-    import tester
     model = models.build_model(small_cfg(toy_root, 'mlcmr'))
     parts = to_mlcmr_release_format(model)
     parts[1]['text_attention.query.weight'] = torch.zeros(2, 2)
     path = tmp_path / 'odd.pth.tar'
     save_release(path, parts, mlcmr_opt())
     with pytest.raises(DataError, match='text_attention.query.weight'):
-        tester.load_model(str(path), bert_name=os.path.join(toy_root, 'tiny_bert'))
+        models.load_model(str(path), bert_name=os.path.join(toy_root, 'tiny_bert'))
 
 
 # ============ NRCCR release checkpoints keep their options ============
@@ -155,10 +153,9 @@ def nrccr_release(toy_root, tmp_path, **opt):
 
 
 def test_nrccr_release_options_are_carried(toy_root, tmp_path):
-    import tester
     ours, path = nrccr_release(toy_root, tmp_path, max_violation=False, cost_style='mean', direction='v2t',
                                video_layer=1, dropout=0.4)
-    loaded, _ = tester.load_model(path, bert_name=os.path.join(toy_root, 'tiny_bert'))
+    loaded, _ = models.load_model(path, bert_name=os.path.join(toy_root, 'tiny_bert'))
     cfg = loaded.cfg
     assert (cfg['max_violation'], cfg['cost_style'], cfg['direction'], cfg['video_layer'],
             cfg['mapping_dropout']) == (False, 'mean', 'v2t', 1, 0.4)
@@ -168,16 +165,14 @@ def test_nrccr_release_options_are_carried(toy_root, tmp_path):
 
 
 def test_nrccr_release_without_options_keeps_the_script_defaults(toy_root, tmp_path):
-    import tester
     _, path = nrccr_release(toy_root, tmp_path)
-    cfg = tester.load_model(path, bert_name=os.path.join(toy_root, 'tiny_bert'))[0].cfg
+    cfg = models.load_model(path, bert_name=os.path.join(toy_root, 'tiny_bert'))[0].cfg
     assert (cfg['max_violation'], cfg['cost_style'], cfg['direction'], cfg['video_layer'],
             cfg['mapping_dropout']) == (True, 'sum', 'all', 1, 0.2)
 
 
 def test_nrccr_release_with_unsaved_extra_video_layers_is_refused(toy_root, tmp_path):
-    import tester
     _, path = nrccr_release(toy_root, tmp_path, video_layer=2)
     with pytest.raises(DataError, match='video_layer 2') as e:
-        tester.load_model(path, bert_name=os.path.join(toy_root, 'tiny_bert'))
+        models.load_model(path, bert_name=os.path.join(toy_root, 'tiny_bert'))
     assert '\n' not in str(e.value)

@@ -114,7 +114,9 @@ def test_nrccr_training_step_shapes_and_frozen_layers(toy_root):
     for key in ('v', 'c_src', 'c_tr', 'c_cross', 'c_bt'):
         assert out[key].shape == (6, 48)
         assert torch.allclose(out[key].norm(dim=1), torch.ones(6), atol=1e-5)
-    loss, logs = model.training_loss(out)
+    logs = model.discriminator_step(out, opts)
+    loss, loss_logs = model.training_loss(out)
+    logs.update(loss_logs)
     assert math.isfinite(loss.item()) and {'tri_src', 'dtl', 'loss_disc', 'gen'} <= set(logs)
     opts['main'].zero_grad()
     loss.backward()
@@ -141,9 +143,9 @@ def test_layer_list_matches_exact_indices(toy_root):
 def test_discriminator_step_updates_only_discriminator(toy_root):
     torch.manual_seed(0)
     model = models.build_model(small_cfg(toy_root, 'nrccr', disc_type='strong'))
-    model.configure_optimizers(1e-3)
+    opts = model.configure_optimizers(1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.discriminator_step(model(nrccr_batch()))
+    model.discriminator_step(model(nrccr_batch()), opts)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith('discriminator.') for n in changed)
 
@@ -236,7 +238,6 @@ def to_release_format(model):
 
 
 def test_legacy_checkpoint_gives_identical_embeddings(toy_root, tmp_path):
-    import tester
     torch.manual_seed(0)
     cfg = small_cfg(toy_root, 'nrccr', disc_type='strong')
     ours = models.build_model(cfg).eval()
@@ -249,7 +250,7 @@ def test_legacy_checkpoint_gives_identical_embeddings(toy_root, tmp_path):
                              layer_list=['layer.2', 'layer.3'], frozen='frozen')
     path = tmp_path / 'model_best.pth.tar'
     torch.save({'epoch': 3, 'model': parts, 'best_rsum': 100.0, 'opt': opt, 'Eiters': 10}, path)
-    loaded, train_args = tester.load_model(str(path), bert_name=cfg['bert_name'])
+    loaded, train_args = models.load_model(str(path), bert_name=cfg['bert_name'])
     loaded.eval()
     assert train_args['collection'] == 'toy' and train_args['model'] == 'nrccr'
     batch = nrccr_batch()
@@ -261,7 +262,6 @@ def test_legacy_checkpoint_gives_identical_embeddings(toy_root, tmp_path):
 
 
 def test_our_checkpoint_round_trip(toy_root, tmp_path):
-    import tester
     torch.manual_seed(0)
     model = models.build_model(small_cfg(toy_root, 'mlcmr')).eval()
     path = tmp_path / 'm.pth.tar'
@@ -269,7 +269,7 @@ def test_our_checkpoint_round_trip(toy_root, tmp_path):
                           'model': model.state_dict(), 'args': {'model': 'mlcmr'}}, path)
     os.rename(os.path.join(toy_root, 'tiny_bert'), os.path.join(toy_root, 'tiny_bert_away'))
     try:                                    # rebuilding needs no BERT folder: the config is in the checkpoint
-        loaded, _ = tester.load_model(str(path))
+        loaded, _ = models.load_model(str(path))
     finally:
         os.rename(os.path.join(toy_root, 'tiny_bert_away'), os.path.join(toy_root, 'tiny_bert'))
     video = fake_video(3, 5)

@@ -9,6 +9,7 @@ import argparse
 import os
 import pickle
 import random
+import re
 import uuid
 from collections import OrderedDict
 
@@ -26,31 +27,97 @@ _PREFIXES = ('module.', '_orig_mod.')      # DataParallel/DDP wrapper, torch.com
 _LEGACY_PARTS = {5: 'nrccr', 4: 'mlcmr'}
 
 
+# `.<name>.<pid>.<8 hex>.tmp`: the temporary file of an atomic write of <name> (a checkpoint, a history file)
+_TEMP_RE = re.compile(r'^\..+\.\d+\.[0-9a-f]{8}\.tmp$')
+
+
+def temp_path(path):
+    """A unique temporary name next to `path` for an atomic write (see `remove_stale_temp_files`)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+
+
+def remove_stale_temp_files(directory):
+    """Remove the temporary files that atomic writes into `directory` left behind when their process was
+    killed (`kill -9` during a save). Only names of that exact pattern, only in `directory` itself; call it
+    when no other process writes there (the trainer's main rank at start-up). Returns the removed paths."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if _TEMP_RE.match(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write: torch.save reports a full disk as a
+    RuntimeError ('unexpected pos', 'file write failed'), losing the errno; this keeps it."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _with_path(error, path):
+    """`error` (an OSError) naming `path` when it names no file itself."""
+    if error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror or os.strerror(error.errno), path)
+    return error
+
+
 def save_checkpoint(state: dict, path):
     """Write `state` to `path` atomically: a temporary file in the same directory, flushed and fsynced, then
     `os.replace`, so a crash leaves either the old file or the new one, never a torn file. Adds
     `format_version` when the dict has none.
 
     Raises TypeError (and leaves `path` alone) when `state` holds objects that `weights_only` loading would
-    refuse (a numpy scalar, a Namespace, ...): better at the first save than at resume time."""
+    refuse (a numpy scalar, a Namespace, ...): better at the first save than at resume time. A write that
+    fails for lack of space or permission raises that OSError (errno kept, naming `path`), also when it
+    happened inside torch.save."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # a unique name created with open(): permissions follow the umask (mkstemp would force 0600)
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    tmp = temp_path(path)
     try:
         with open(tmp, 'xb') as f:
-            torch.save({'format_version': FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save({'format_version': FORMAT_VERSION, **state}, recorder)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                named = _with_path(e, path)
+                if named is e:
+                    raise
+                raise named from e
+            except RuntimeError as e:
+                if recorder.error is None:
+                    raise
+                raise _with_path(recorder.error, path) from e
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(tmp)
         if unsafe:
             raise TypeError(f'checkpoint state for {path} holds {", ".join(unsafe)}, which weights_only loading '
                             'refuses; store plain types instead (float(x), x.tolist(), vars(namespace))')
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:         # e.g. a read-only folder: the original error is the one to report
+            pass
         raise
     if hasattr(os, 'O_DIRECTORY'):     # make the rename itself durable (POSIX)
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

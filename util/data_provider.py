@@ -27,6 +27,7 @@ from basic.bigfile import BigFile
 from basic.captions import clean_english, pair_captions, read_captions, video_order
 from basic.errors import DataError
 from basic.video2frames import load_video2frames
+from util.batching import collate, collate_ids, collate_video, move_to  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ def derive_half_table(rootpath, collection, tokenizer, seed=0):
     videos are split in two halves by a seeded permutation of their sorted ids; the English human captions
     of the first half and the Chinese human captions of the second half form one stream 'half'."""
     en = read_captions(paths.resolve_stream(rootpath, collection, paths.CaptionStream(
-        'en', (f'{collection}train.caption.txt',), 'en')))
+        paths.ROLE_EN, (f'{collection}train.caption.txt',), 'en')))
     zh = read_captions(paths.resolve_stream(rootpath, collection, paths.CaptionStream(
-        'zh', (f'{collection}train_zh.caption.txt',), 'raw')))
+        paths.ROLE_ZH, (f'{collection}train_zh.caption.txt',), 'raw')))
     videos = sorted(set(en.video_ids) | set(zh.video_ids))
     perm = np.random.default_rng(seed).permutation(len(videos))
     english_half = {videos[i] for i in perm[:len(videos) // 2]}
@@ -134,8 +135,8 @@ def derive_half_table(rootpath, collection, tokenizer, seed=0):
     logger.info('%s not found: derived a non-parallel split from %s and %s (%d videos with English, '
                 '%d with Chinese captions, seed %d)', f'{collection}train_half.caption.txt', en.path,
                 zh.path, len(english_half), len(videos) - len(english_half), seed)
-    return CaptionTable(cap_ids, video_ids, {'half': tokenize(tokenizer, texts)},
-                        files={'half': f'derived from {en.path} + {zh.path}'})
+    return CaptionTable(cap_ids, video_ids, {paths.ROLE_HALF: tokenize(tokenizer, texts)},
+                        files={paths.ROLE_HALF: f'derived from {en.path} + {zh.path}'})
 
 
 # ============ frames ============
@@ -224,7 +225,7 @@ class TrainDataset(Dataset):
             item['video_aug'] = _video_item(frames[drop_frames(len(frames), rng)], self.max_frames,
                                             self.frame_sampling)
             for role in list(item['text']):
-                item['text'][f'{role}_masked'] = mask_tokens(item['text'][role], rng, self.mask_id)
+                item['text'][paths.masked_role(role)] = mask_tokens(item['text'][role], rng, self.mask_id)
         return item
 
 
@@ -256,49 +257,7 @@ class TextDataset(Dataset):
         return {'index': i, 'text': {role: toks[i] for role, toks in self.table.tokens.items()}}
 
 
-# ============ collate ============
-
-def collate_ids(seqs):
-    """Pad int arrays with [PAD]=0 to the batch max: ids (B, L) long, mask (B, L) float, lengths."""
-    ids = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s.astype(np.int64)) for s in seqs],
-                                          batch_first=True)
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    mask = (torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
-    return {'ids': ids, 'mask': mask, 'lengths': lengths}
-
-
-def collate_video(items):
-    """items: (capped frames (n_i, D), mean (D,)) -> zero-padded frames (B, L, D), mask, lengths, mean."""
-    frames = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(f) for f, _ in items], batch_first=True)
-    lengths = torch.tensor([len(f) for f, _ in items], dtype=torch.long)
-    mask = (torch.arange(frames.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).float()
-    mean = torch.from_numpy(np.stack([m for _, m in items]))
-    return {'frames': frames, 'mask': mask, 'lengths': lengths, 'mean': mean}
-
-
-def collate(items):
-    """Collate any of the item kinds above into the batch dicts described in the module docstring."""
-    batch = {'index': torch.tensor([it['index'] for it in items], dtype=torch.long)}
-    for key in ('video', 'video_aug'):
-        if key in items[0]:
-            batch[key] = collate_video([it[key] for it in items])
-    if 'text' in items[0]:
-        batch['text'] = {role: collate_ids([it['text'][role] for it in items]) for role in items[0]['text']}
-    if 'video_index' in items[0]:
-        vid = torch.tensor([it['video_index'] for it in items])
-        batch['video_index'] = vid
-        batch['same_video'] = (vid.unsqueeze(0) == vid.unsqueeze(1)) & ~torch.eye(len(items), dtype=torch.bool)
-    return batch
-
-
-def move_to(batch, device):
-    """Recursively move every tensor of a batch to `device` (non-blocking from pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
-
+# ============ collate (util/batching.py, shared with the evaluation loops) ============
 
 def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2 ** 32
@@ -314,36 +273,94 @@ def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, sampler=N
                       generator=g, worker_init_fn=_seed_worker, persistent_workers=False)
 
 
+# ============ the data config ============
+
+# What the data side of a run reads, as one plain dict (`data_cfg`): built once by the trainer from its
+# flags, stored in every checkpoint beside `model_cfg`, and re-used by the tester with its command-line
+# overrides. The root folder is not part of it (it belongs to the machine, not to the run).
+DATA_DEFAULTS = dict(
+    model='nrccr',                  # which model's caption streams are read
+    collection='vatex',
+    visual_feature='i3d_kinetics',  # folder under <rootpath>/<collection>/FeatureData
+    data_type='google_enc2zh',      # NRCCR translation files <C>train_<data_type>
+    train_mode='parallel',          # MLCMR: parallel | unparallel
+    label_situation='translate',    # MLCMR: human_label | translate
+    target_language='zh',           # MLCMR: zh | en
+    frame_sampling='first',         # videos over 64 frames: first 64 (parity) | uniform
+    bert_name='bert-base-multilingual-cased',   # tokenizer source
+    tokenizer_lower_case=True,      # parity: lower-case and strip accents even for the cased mBERT
+    val_split='val',                # caption files used for validation
+    strict=False,                   # a caption whose partner caption is missing: skip (False) or error
+)
+
+
+def data_config(**overrides):
+    """The full data config: DATA_DEFAULTS updated with `overrides` (unknown keys are an error)."""
+    unknown = set(overrides) - set(DATA_DEFAULTS)
+    if unknown:
+        raise KeyError(f'unknown data config keys: {sorted(unknown)}')
+    return dict(DATA_DEFAULTS, **overrides)
+
+
+def data_config_from_train_args(train_args):
+    """The data config of a checkpoint written before `data_cfg` was stored (or of an original NRCCR
+    release checkpoint, whose options name the collection `trainCollection`): taken from its stored
+    arguments, with the defaults for what they lack."""
+    cfg = {k: train_args[k] for k in DATA_DEFAULTS if train_args.get(k) is not None}
+    if 'collection' not in cfg and train_args.get('trainCollection'):
+        cfg['collection'] = train_args['trainCollection']
+    cfg.setdefault('collection', None)
+    return dict(DATA_DEFAULTS, **cfg)
+
+
 # ============ what each model reads ============
 
-def train_table(args, tokenizer):
+def train_table(rootpath, data_cfg, tokenizer):
     """The training caption table of the run's model / mode (docs/data.md, 'NRCCR caption files', 'MLCMR caption files')."""
-    C = args.collection
-    if args.model == 'nrccr':
-        streams = paths.nrccr_streams(C, 'train', args.data_type)
-    elif args.train_mode == 'unparallel':
+    cfg, C = data_cfg, data_cfg['collection']
+    if cfg['model'] == 'nrccr':
+        streams = paths.nrccr_streams(C, 'train', cfg['data_type'])
+    elif cfg['train_mode'] == 'unparallel':
         half = paths.mlcmr_streams(C, 'train', 'unparallel')[0]
-        if not any(os.path.exists(os.path.join(paths.text_dir(args.rootpath, C), n)) for n in half.candidates):
-            return derive_half_table(args.rootpath, C, tokenizer, seed=0)
+        if not any(os.path.exists(os.path.join(paths.text_dir(rootpath, C), n)) for n in half.candidates):
+            return derive_half_table(rootpath, C, tokenizer, seed=0)
         streams = [half]
     else:
-        streams = paths.mlcmr_streams(C, 'train', args.train_mode, args.label_situation, args.target_language)
-    return load_caption_table(args.rootpath, C, streams, tokenizer, strict=args.strict)
+        streams = paths.mlcmr_streams(C, 'train', cfg['train_mode'], cfg['label_situation'],
+                                      cfg['target_language'])
+    return load_caption_table(rootpath, C, streams, tokenizer, strict=cfg['strict'])
 
 
-def eval_table(args, split, tokenizer, purpose='test', target_language=None):
+def eval_table(rootpath, data_cfg, split, tokenizer, purpose='test', target_language=None):
     """Evaluation captions with roles 'primary' and 'second' (docs/data.md, 'NRCCR caption files', 'MLCMR caption files').
 
     MLCMR validates on `<C><split>.caption.txt` + `<C><split>_zh.caption.txt` whatever the target language
     (the trainer passes split='test' for MSR-VTT, the reference's parity quirk) and tests on the files of
-    the target language."""
-    C = args.collection
-    if args.model == 'nrccr':
-        streams = paths.nrccr_streams(C, split, args.data_type)
+    the target language (`target_language`, default the config's)."""
+    cfg, C = data_cfg, data_cfg['collection']
+    if cfg['model'] == 'nrccr':
+        streams = paths.nrccr_streams(C, split, cfg['data_type'])
     elif purpose == 'val':
         streams = paths.mlcmr_val_streams(C, split)
     else:
-        streams = paths.mlcmr_streams(C, split, args.train_mode, args.label_situation,
-                                      target_language or args.target_language)
-    streams = [paths.CaptionStream(role, s.candidates, s.clean) for role, s in zip(('primary', 'second'), streams)]
-    return load_caption_table(args.rootpath, C, streams, tokenizer, strict=args.strict)
+        streams = paths.mlcmr_streams(C, split, cfg['train_mode'], cfg['label_situation'],
+                                      target_language or cfg['target_language'])
+    streams = [paths.CaptionStream(role, s.candidates, s.clean)
+               for role, s in zip((paths.ROLE_PRIMARY, paths.ROLE_SECOND), streams)]
+    return load_caption_table(rootpath, C, streams, tokenizer, strict=cfg['strict'])
+
+
+class EvalData:
+    """Videos and captions of one evaluation split, built once: `split`, `table` (roles 'primary', 'second'),
+    `videos` (ids, first-appearance order), `cap2vid`, and the `video_set` / `text_set` the encoding loops
+    read."""
+
+    def __init__(self, rootpath, data_cfg, split, tokenizer, store, purpose, target_language=None):
+        self.split = split
+        self.table = eval_table(rootpath, data_cfg, split, tokenizer, purpose=purpose,
+                                target_language=target_language)
+        store.check_videos(self.table.video_ids, self.table.files[paths.ROLE_PRIMARY])
+        self.videos = self.table.videos
+        self.cap2vid = self.table.cap2vid()
+        self.video_set = VideoDataset(self.videos, store, frame_sampling=data_cfg['frame_sampling'])
+        self.text_set = TextDataset(self.table)

@@ -5,7 +5,7 @@
 # TORCH_SPEC overrides the torch requirement installed into a new venv (default torch==2.13.0).
 # The do_all / do_test scripts then find the same interpreter without installing anything (util/launch.sh).
 _mlcmr_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-_mlcmr_check='import torch, transformers, tensorboard, tqdm, numpy, easydict, pytest'
+_mlcmr_check='import torch, transformers, tensorboard, tqdm, numpy, pytest'
 if [ -n "${PYTHON:-}" ]; then
   _mlcmr_python_from='$PYTHON'
 elif [ -x "$_mlcmr_repo/.venv/bin/python" ] && "$_mlcmr_repo/.venv/bin/python" -c "$_mlcmr_check" 2>/dev/null; then

@@ -13,7 +13,7 @@ SRC is one of
   * a pickled dict {video id: array} (`.pkl`, `.pickle`), read only with `--allow_pickle 1`, because unpickling
     runs code from the file. A pickle is necessarily loaded whole; every other source is read one video at a time.
 
-Each array is (frames, dims) or (dims,) (one frame). The folder written (docs/data.md, 'Features') holds
+Each array is (frames, dims) or (dims,) (one frame). The folder written (docs/data.md, 'BigFile') holds
 feature.bin / id.txt / shape.txt with frame ids `<video>_<i>` (i = 0, 1, ...) and video2frames.txt; videos are
 written sorted by id, so the same input gives the same files. Rows are streamed to disk as they are read
 (basic.bigfile.BigFileWriter), never the whole collection in memory, and the folder appears only when complete.

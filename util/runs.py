@@ -1,4 +1,8 @@
-"""Run bookkeeping: run directories, run identity, logging, TensorBoard, per-epoch JSON lines."""
+"""Run bookkeeping: flag parsing, CLI errors, run directories, run identity, logging, TensorBoard and the
+per-epoch history files."""
+import argparse
+import errno
+import glob
 import hashlib
 import json
 import logging
@@ -9,21 +13,65 @@ import sys
 
 import torch
 
+from util import checkpoint as ckpt
+
 logger = logging.getLogger('mlcmr')
 
-# Arguments that do not change what a run computes: they stay out of the configuration hash.
-NON_CONFIG_ARGS = {'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'skip_test',
-                   'eval_workers', 'compile', 'postfix', 'cv_name', 'bert_name', 'strict'}
+# Flags accepted for the original scripts that change nothing (the trainer lists them under
+# "Compatibility (accepted, no effect)" in --help).
+COMPAT_ARGS = frozenset({'collectionStrt', 'model_type', 'text_layer', 'text_pooling', 'video_pooling',
+                         'momentum', 'optim', 'measure', 'text_norm', 'visual_norm', 'gru_pool', 'val_metric'})
+# Flags that change where and how a run executes, not what it computes.
+RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'skip_test',
+                           'compile', 'postfix', 'cv_name', 'strict'})
+# Both stay out of the configuration hash; values the trainer derives (val_batch_size) follow their flag.
+NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size'}
+
+# Output errors turned into one line: no space, no permission, read-only file system. Other OSErrors
+# (a missing file, a bad descriptor, ...) keep their traceback: they point at a bug or a bad input.
+_OUTPUT_ERRNOS = {errno.ENOSPC: 'the disk is full: free space (or choose another --rootpath / --results_dir) '
+                                'and run the same command again; a training run resumes from its last checkpoint',
+                  errno.EDQUOT: 'the disk quota is exceeded: free space (or choose another --rootpath / '
+                                '--results_dir) and run the same command again',
+                  errno.EROFS: 'the file system is read-only: choose a writable --rootpath (or --results_dir)',
+                  errno.EACCES: 'permission denied: make the folder writable or choose another --rootpath '
+                                '(or --results_dir)',
+                  errno.EPERM: 'operation not permitted: make the folder writable or choose another --rootpath '
+                               '(or --results_dir)'}
+
+
+def bool_flag(s):
+    """argparse type for on/off flags: 1/0, true/false, on/off, yes/no."""
+    if str(s).lower() in ('1', 'true', 'on', 'yes'):
+        return True
+    if str(s).lower() in ('0', 'false', 'off', 'no'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected 0/1/true/false, got {s!r}')
+
+
+def output_error_message(error):
+    """The one-line message for an OSError of writing outputs, or None when it is not one of those."""
+    advice = _OUTPUT_ERRNOS.get(getattr(error, 'errno', None))
+    if advice is None:
+        return None
+    where = error.filename if error.filename is not None else 'an output file'
+    return f'{where}: {error.strerror or os.strerror(error.errno)}; {advice}'
 
 
 def run_cli(main_fn, args):
-    """Run a CLI body; bad input (DataError) ends it with its one-line message instead of a traceback."""
+    """Run a CLI body; bad input (DataError) and an output folder that cannot be written (full disk,
+    read-only, no permission) end it with a one-line message instead of a traceback."""
     from basic.errors import DataError
     try:
         return main_fn(args)
     except DataError as e:
         logger.error('%s', e)
         raise SystemExit(f'error: {e}') from None
+    except OSError as e:
+        message = output_error_message(e)
+        if message is None:
+            raise
+        raise SystemExit(f'error: {message}') from None     # not logged: the log file may be what failed
 
 
 def config_hash(args):
@@ -47,6 +95,73 @@ def run_dir(args):
     the configuration component the MLCMR reference lacked)."""
     return os.path.join(args.rootpath, args.collection, args.cv_name, args.collection, run_name(args),
                         args.postfix)
+
+
+# Files a training run writes into its folder (`--overwrite 1` removes them before starting again).
+RUN_FILES = ('checkpoint_last.pth.tar', 'model_best.pth.tar', 'metrics.jsonl', 'val_metric_hist.txt',
+             'val_metric.txt', 'train.log', 'args.json', 'env.json')
+TB_EVENTS = 'events.out.tfevents.*'
+
+
+def clean_run_dir(directory):
+    """Remove a previous run's files from `directory` (its checkpoints, history, log, TensorBoard events and
+    temporary files), leaving anything else there alone. Returns the removed paths."""
+    removed = ckpt.remove_stale_temp_files(directory)
+    for path in [os.path.join(directory, n) for n in RUN_FILES] + sorted(glob.glob(os.path.join(directory,
+                                                                                             TB_EVENTS))):
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def atomic_write_text(path, text):
+    """Write `text` to `path` through a temporary file and `os.replace`: a kill leaves the old file or the
+    new one (and at worst a temporary file that `checkpoint.remove_stale_temp_files` removes)."""
+    tmp = ckpt.temp_path(path)
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if e.filename is None and e.errno is not None:      # a failed write names no file
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+
+
+def write_history(directory, history):
+    """The per-epoch history files, rewritten whole from `history` (the list of epoch records kept in the
+    checkpoint): metrics.jsonl (one JSON line per epoch) and val_metric_hist.txt (`epoch_N: score`).
+    Rewriting from the checkpoint's list is what keeps them exact across a kill: an epoch whose checkpoint
+    was saved is never missing, one whose checkpoint was not is dropped and trained again."""
+    atomic_write_text(os.path.join(directory, 'metrics.jsonl'),
+                      ''.join(json.dumps(r, sort_keys=True) + '\n' for r in history))
+    atomic_write_text(os.path.join(directory, 'val_metric_hist.txt'),
+                      ''.join(f'epoch_{r["epoch"]}: {r["score"]}\n' for r in history))
+
+
+def read_history(directory, before_epoch):
+    """Epoch records from metrics.jsonl with epoch < before_epoch, one per epoch (the last line wins): the
+    history of a checkpoint written before checkpoints carried it."""
+    path = os.path.join(directory, 'metrics.jsonl')
+    records = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:          # a torn last line
+                    continue
+                if isinstance(r, dict) and isinstance(r.get('epoch'), int) and r['epoch'] < before_epoch:
+                    records[r['epoch']] = r
+    return [records[e] for e in sorted(records)]
 
 
 def git_state():
@@ -92,25 +207,26 @@ def setup_logging(log_file=None, main_process=True):
 
 
 class MetricsWriter:
-    """TensorBoard scalars (stable tags) plus one JSON line per epoch in metrics.jsonl; main rank only."""
+    """TensorBoard scalars (stable tags) and the history files (`write_history`); main rank only.
 
-    def __init__(self, directory, enabled=True):
-        self.enabled = enabled
+    `purge_step`: on resume, the global step of the checkpoint; TensorBoard then hides the scalars that the
+    interrupted process logged after it, so a resumed run's curves hold each step once."""
+
+    def __init__(self, directory, enabled=True, purge_step=None):
+        self.enabled, self.directory = enabled, directory
         self.tb = None
-        self.jsonl = os.path.join(directory, 'metrics.jsonl')
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(directory, flush_secs=10)
+            self.tb = SummaryWriter(directory, flush_secs=10, purge_step=purge_step or None)
 
     def scalars(self, values, step, prefix=''):
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f'{prefix}{k}', v, step)
 
-    def epoch_line(self, record):
+    def history(self, records):
         if self.enabled:
-            with open(self.jsonl, 'a') as f:
-                f.write(json.dumps(record, sort_keys=True) + '\n')
+            write_history(self.directory, records)
 
     def close(self):
         if self.tb is not None:

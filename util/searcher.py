@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 import evaluation
+import model as models
 from basic import paths
 from basic.captions import clean_english
 from basic.errors import DataError
@@ -68,15 +69,6 @@ CACHE_DIR_NAME = 'search_cache'
 CHECKPOINT_NAME = 'model_best.pth.tar'
 CLEAN_RULES = ('raw', 'en', 'auto')
 BLOCK = 1 << 25           # queries x videos per score block (128 MiB in float32)
-
-
-def _load_model(path, bert_name):
-    """(model, train_args) of a checkpoint.
-
-    PHASE 2 (lead): the only use of the tester here; point it at the lower-level loader once `tester.load_model`
-    has moved (lower layers must not import the CLIs)."""
-    from tester import load_model
-    return load_model(path, bert_name)
 
 
 # ============ results ============
@@ -225,7 +217,7 @@ class Searcher:
         cache_dir: where gallery caches go (default <checkpoint folder>/search_cache); cache=False: none."""
         log = log or logger.info
         path = resolve_checkpoint(checkpoint)
-        model, train_args = _load_model(path, bert_name)
+        model, train_args = models.load_model(path, bert_name)
         device = torch.device(device)
         model.to(device).eval()
         collection = collection or train_args.get('collection') or train_args.get('trainCollection')
