@@ -198,3 +198,18 @@ def test_auto_amps_follow_the_hardware(monkeypatch):
     monkeypatch.setattr(precision, 'bf16_support', lambda device: (False, 'CPU lacks avx512_bf16 and amx_bf16'))
     assert benchmark.train_amps(cpu, 'auto') == ['off']
     assert benchmark.train_amps(cpu, 'bf16, off') == ['bf16', 'off']
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message on a machine without CUDA')
+def test_gpu_check_without_a_gpu_says_so_and_exits_cleanly(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(benchmark.__file__).with_name('gpu_check.sh')
+    env = dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES='')
+    done = subprocess.run(['bash', str(script), str(tmp_path / 'out')], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    assert done.stdout.startswith('gpu_check: no CUDA device visible to torch')
+    assert not (tmp_path / 'out').exists()           # nothing run, nothing written
