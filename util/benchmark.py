@@ -541,18 +541,27 @@ class EncodeFlops:
         return self._count(('video', batch_size, length), lambda: self.model.embed_videos(video))
 
 
+def paired_caption_table(num_captions, vocab_size, seed=3):
+    """A test split of `num_captions` captions (10 per video) in two streams, 'primary' with 10..30 word
+    pieces and 'second' its "translation": the same length +-3 (at least 5), as translated captions track
+    their source's length. Token ids random in [FIRST_WORD, vocab_size), between [CLS] and [SEP]."""
+    rng = np.random.default_rng(seed)
+    primary = rng.integers(10, 31, size=num_captions)
+    second = np.maximum(primary + rng.integers(-3, 4, size=num_captions), 5)
+    tokens = {role: [np.concatenate(([CLS], rng.integers(FIRST_WORD, vocab_size, size=n), [SEP])).astype(np.int32)
+                     for n in lengths] for role, lengths in (('primary', primary), ('second', second))}
+    videos = [f'enc{i // 10:06d}' for i in range(num_captions)]
+    return dp.CaptionTable(cap_ids=[f'{v}#enc#{i % 10}' for i, v in enumerate(videos)], video_ids=videos,
+                           tokens=tokens)
+
+
 def bench_encode(data, sizes, device, amp, peaks):
     """Caption encoding of a VATEX-size test split (15,000 captions x 2 streams) with masked pooling, in
     file-order batches and in length-bucketed ones (util/bucketing.py): seconds, captions/s, padded share,
     FLOPs per caption and MFU; the two must give the same embeddings (max difference reported). Then the
     video encoding of the synthetic collection (file order) with its FLOPs per video."""
     rows = []
-    num_captions = sizes['encode_captions']
-    video_ids = [f'enc{i:06d}' for i in range(-(-num_captions // 10))]
-    vocab = min(e['vocab_size'] for e in ENCODERS.values())
-    table = caption_table(video_ids, 10, ('primary', 'second'), vocab, seed=3)
-    table = dp.CaptionTable(cap_ids=table.cap_ids[:num_captions], video_ids=table.video_ids[:num_captions],
-                            tokens={r: t[:num_captions] for r, t in table.tokens.items()})
+    table = paired_caption_table(sizes['encode_captions'], min(e['vocab_size'] for e in ENCODERS.values()))
     texts = dp.TextDataset(table)
     for name in ('nrccr', 'mlcmr'):
         batch_size = trainer.MODEL_DEFAULTS['test_batch_size'][name == 'mlcmr']
