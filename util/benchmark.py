@@ -1,22 +1,34 @@
-"""Benchmark of the data path, the training step and the evaluation. Prints numbers and writes JSON; asserts nothing.
+"""Benchmark of the data path, the training step, evaluation encoding and metrics, with the model-FLOPs
+utilisation (MFU) of training and encoding. Prints numbers and writes JSON; asserts nothing.
 
-    python util/benchmark.py                                # CPU, plus CUDA when present (~5 min on 2 CPU cores)
+    python util/benchmark.py                                # CPU, plus CUDA when present (minutes on 2 CPU cores)
     python util/benchmark.py --device cuda --out bench_gpu.json
-    python util/benchmark.py --only data,eval --threads 1
+    python util/benchmark.py --only train --amps off,bf16 --profile   # fp32 vs bf16, and where the time goes
+    python util/benchmark.py --only encode                  # 15,000 x 2 captions, file order vs length buckets
     python util/benchmark.py --quick                        # tiny sizes, seconds (the smoke test)
 
 Everything is synthetic and offline, built in a temporary folder: a VATEX-like BigFile (1024-d i3d frames,
-40-80 per video, docs/data.md), caption tables of random token ids (10-30 word pieces between [CLS] and [SEP])
-and BERTs with random weights built from a config dict. Sections:
+40-80 per video), caption tables of random token ids (10-30 word pieces between [CLS] and [SEP]) and BERTs
+with random weights built from a config dict. Sections:
 
+  peak   (with train or encode) the matrix-product peak of each device and precision, measured in this run:
+         best FLOP/s of n x n products (CPU n=2048, CUDA n=8192; fp32 on CUDA is TF32, as the trainer runs).
   data   BigFile.read of 64 random frame ids (rows/s); TrainDataset + collate of one batch of 128 on one thread
          (median ms; target < 50 ms); DataLoader samples/s with 0 and 2 workers. The features were just written,
          so the page cache is warm: these are memory speeds, not disk speeds.
   train  samples/s of the trainer's step (to device -> forward -> training_loss -> backward -> clip -> step),
-         median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder.
-         CPU: batch 16; CUDA: the papers' batches (NRCCR 128, MLCMR 64) in fp32 (TF32) and bf16, peak memory.
+         median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder,
+         in each precision of --amps (auto: fp32, plus bf16 where the device has it natively), side by side.
+         CPU: batch 16; CUDA: the papers' batches (NRCCR 128, MLCMR 64), peak memory. MFU: the FLOPs of the
+         matrix products of one whole step (forward, backward, the NRCCR discriminator step), counted with
+         torch.utils.flop_counter.FlopCounterMode, per sample, times samples/s, over the peak of the precision.
+  encode evaluation.encode_texts over a VATEX-size test split (15,000 captions x 2 streams, 'small' encoder,
+         masked pooling) in file-order batches and in length buckets (util/bucketing.py), with the padded
+         share, FLOPs per caption and MFU; then encode_videos of the synthetic collection, FLOPs per video.
   eval   util.bench_metrics.run against gallery size; 15,000 x 1,500 also on one thread (target < 2 s). A size
          predicted (from the previous one, work ~ captions x videos) to exceed --eval_budget is skipped and noted.
+  --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
+         the top ops by self time, printed and stored.
 """
 import argparse
 import contextlib
@@ -30,18 +42,22 @@ import time
 
 import numpy as np
 import torch
+from torch.utils import flop_counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import evaluation                                            # noqa: E402
 import model as models                                       # noqa: E402
 import trainer                                               # noqa: E402
 from basic.bigfile import BigFileWriter                      # noqa: E402
 from util import bench_metrics                               # noqa: E402
+from util import bucketing                                   # noqa: E402
 from util import data_provider as dp                         # noqa: E402
+from util import precision                                   # noqa: E402
 from util.make_toy_data import build_vocab                   # noqa: E402
 from util.runs import git_state                              # noqa: E402
 
-SECTIONS = ('data', 'train', 'eval')
+SECTIONS = ('data', 'train', 'encode', 'eval')
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
 MBERT_VOCAB = 119547
 NRCCR_ROLES, MLCMR_ROLES = ('src', 'tr', 'bt'), ('en', 'zh')
@@ -57,13 +73,15 @@ ENCODERS = {
 }
 
 # Sizes of a full run and of --quick. Steps: (warm-up, timed) training steps per configuration. The full run
-# keeps the papers' model sizes (docs/training.md); --quick shrinks everything but the BERT, as tests/conftest.py does.
+# keeps the papers' model sizes; --quick shrinks everything but the BERT, as tests/conftest.py does.
 FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
             assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), model_overrides={},
             cpu_train_batch=16,
             cpu_steps=(1, 3), cuda_steps=(3, 10),
             cpu_eval=((15_000, 1_500), (100_000, 10_000)), cuda_eval=bench_metrics.CUDA_SIZES,
-            one_thread_eval=(15_000, 1_500))
+            one_thread_eval=(15_000, 1_500),
+            peak_n_cpu=2048, peak_n_cuda=8192, peak_reps=5, profile_encoder='small',
+            encode_captions=15_000, encode_encoder='small')
 QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, gather_reads=20,
              assembly_batches=3, loader_batches=3, encoders=('toy',),
              model_overrides={'nrccr': dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
@@ -71,7 +89,9 @@ QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, g
                               'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48)},
              cpu_train_batch=4,
              cpu_steps=(1, 1), cuda_steps=(1, 2),
-             cpu_eval=((300, 30), (1200, 120)), cuda_eval=((300, 30), (1200, 120)), one_thread_eval=(300, 30))
+             cpu_eval=((300, 30), (1200, 120)), cuda_eval=((300, 30), (1200, 120)), one_thread_eval=(300, 30),
+             peak_n_cpu=128, peak_n_cuda=256, peak_reps=2, profile_encoder='toy',
+             encode_captions=150, encode_encoder='toy')
 
 GATHER_ROWS = 64          # frame ids per BigFile.read: one padded video of the training collate
 ASSEMBLY_TARGET_MS = 50.0
@@ -142,7 +162,7 @@ def _cpu_name():
 
 def write_features(feature_dir, num_videos, frames, dim, seed=0, chunk_videos=100):
     """BigFile of `num_videos` videos with U{frames[0]..frames[1]} frames of `dim` random float32 each; frame ids
-    `<video>_<n>` so FrameStore derives video2frames (docs/data.md, 'video2frames'). Written in chunks to bound memory."""
+    `<video>_<n>` so FrameStore derives video2frames. Written in chunks to bound memory."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(frames[0], frames[1] + 1, size=num_videos)
     videos = [f'v{i:06d}xx_{10 * i:06d}_{10 * i + 10:06d}' for i in range(num_videos)]   # VATEX-like ids
@@ -241,6 +261,88 @@ def _loader_row(dataset, name, batch, workers, num_batches):
                 samples_per_s=samples / seconds, first_batch_s=first)
 
 
+# ============ FLOPs and the matrix-product peak ============
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode counts the matrix products (mm, addmm, bmm, convolutions, attention); the CPU kernel of
+# scaled_dot_product_attention, which BERT uses on a CPU, is missing from its table in torch 2.x.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def count_flops(fn, *args):
+    """(fn(*args), FLOPs of its matrix products) — the usual model-FLOPs convention: element-wise work,
+    normalisations and softmaxes are not counted."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        out = fn(*args)
+    return out, counter.get_total_flops()
+
+
+def matmul_peak(device, dtype, n, reps):
+    """Best FLOP/s of `reps` products of two n x n matrices of `dtype` on `device` (2 n^3 FLOPs each):
+    the practical peak the model's FLOP/s are compared with."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    best = min(timings(lambda i: torch.mm(a, b), reps, warmup=1, device=device))
+    return dict(device=str(device), dtype=PEAK_DTYPE_NAMES[dtype], n=n, reps=reps, best_s=best,
+                flops_per_s=2 * n ** 3 / best)
+
+
+PEAK_DTYPE_NAMES = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
+AMP_PEAK_DTYPE = {'off': 'fp32', 'bf16': 'bf16', 'fp16': 'fp16'}
+
+
+def bench_peak(devices, amps_of, sizes):
+    """One row per (device, precision the runs use): the measured matrix-product peak. On CUDA, fp32 runs
+    with TF32 on (as the trainer runs), so its 'fp32' peak is the TF32 one."""
+    rows = []
+    for device in devices:
+        n, reps = sizes['peak_n_cuda' if device.type == 'cuda' else 'peak_n_cpu'], sizes['peak_reps']
+        for amp in amps_of(device):
+            name = AMP_PEAK_DTYPE[amp]
+            dtype = {v: k for k, v in PEAK_DTYPE_NAMES.items()}[name]
+            row = matmul_peak(device, dtype, n, reps)
+            if device.type == 'cuda' and name == 'fp32':
+                row['tf32'] = torch.backends.cuda.matmul.allow_tf32
+            rows.append(row)
+            print(f'  matmul peak {str(device):6} {name}: {_rate(row["flops_per_s"])} '
+                  f'({n} x {n}, best of {reps})', flush=True)
+    return rows
+
+
+def _rate(flops_per_s):
+    return (f'{flops_per_s / 1e12:.2f} TFLOP/s' if flops_per_s >= 1e12 else f'{flops_per_s / 1e9:.1f} GFLOP/s')
+
+
+def _add_mfu(row, flops_per_item, items_per_s, peaks):
+    """FLOPs per item, achieved FLOP/s and their share of the peak of the row's precision."""
+    achieved = flops_per_item * items_per_s
+    peak = peaks.get((row['device'], AMP_PEAK_DTYPE[row['amp']]))
+    row.update(achieved_flops_per_s=achieved, peak_flops_per_s=peak, mfu=achieved / peak if peak else None)
+    return row
+
+
+def _amount(flops):
+    return f'{flops / 1e9:.2f} GFLOP' if flops >= 1e8 else f'{flops / 1e6:.2f} MFLOP'
+
+
+def _mfu_text(row, per='sample'):
+    text = f'{_amount(row[f"flops_per_{per}"])}/{per}, {_rate(row["achieved_flops_per_s"])}'
+    if row['mfu'] is not None:
+        text += f' = {100 * row["mfu"]:.1f}% of the {AMP_PEAK_DTYPE[row["amp"]]} peak'
+    return text
+
+
 # ============ training ============
 
 def trainable_layers(model_name, num_layers):
@@ -261,9 +363,18 @@ def build(model_name, encoder, dim, **overrides):
     return models.build_model(cfg)
 
 
-def bench_train(data, sizes, device, amp, notes):
-    """One row per (model, encoder): median seconds of the trainer's step and samples/s. On CUDA a configuration
-    that fails (e.g. out of memory) becomes a note and the others still run."""
+def train_amps(device, spec):
+    """Precisions the train and encode sections run on `device`: --amps auto = fp32, plus bf16 where the
+    device multiplies bf16 natively (util/precision.py); otherwise the listed ones."""
+    if spec != 'auto':
+        return [a.strip() for a in spec.split(',') if a.strip()]
+    return ['off', 'bf16'] if precision.bf16_support(device)[0] else ['off']
+
+
+def bench_train(data, sizes, device, amp, peaks, notes):
+    """One row per (model, encoder): median seconds of the trainer's step, samples/s, FLOPs per sample and
+    the share of the matrix-product peak. On CUDA a configuration that fails (e.g. out of memory) becomes
+    a note and the others still run."""
     warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
     rows = []
     for name in ('nrccr', 'mlcmr'):
@@ -283,50 +394,233 @@ def bench_train(data, sizes, device, amp, notes):
                 notes.append(note)
                 torch.cuda.empty_cache()
                 continue
-            rows.append(row)
+            rows.append(_add_mfu(row, row['flops_per_sample'], row['samples_per_s'], peaks))
             extra = f', peak {row["peak_gpu_gib"]:.1f} GiB' if 'peak_gpu_gib' in row else ''
             print(f'  train {name:5} {encoder:9} {str(device):6} {amp:4} batch {batch_size:3}: '
                   f'{row["samples_per_s"]:8.1f} samples/s ({1000 * row["median_step_s"]:.0f} ms/step; '
-                  f'{row["params_m"]:.1f}M params, {row["trainable_m"]:.1f}M trained{extra})', flush=True)
+                  f'{row["params_m"]:.1f}M params, {row["trainable_m"]:.1f}M trained{extra}) | '
+                  f'{_mfu_text(row)}', flush=True)
             if device.type == 'cuda':       # the model of this row is gone: hand its memory back
                 torch.cuda.empty_cache()
     return rows
 
 
+class TrainSetup:
+    """A model and what its training step needs, built as trainer.py builds them."""
+
+    def __init__(self, name, encoder, dim, overrides, device, amp):
+        defaults = trainer.get_args_parser()
+        lr, glr, self.clip = (defaults.get_default(k) for k in ('learning_rate', 'glr', 'grad_clip'))
+        torch.manual_seed(0)
+        self.model = build(name, encoder, dim, **overrides).to(device).train()
+        self.optimizers = self.model.configure_optimizers(lr, glr)
+        self.main_params = self.model.main_parameters()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
+        self.autocast = precision.autocast_factory(amp, device)
+        self.device = device
+
+    def step(self, batch):
+        _train_step(self.model, self.model, dp.move_to(batch, self.device), self.optimizers, self.scaler,
+                    self.autocast, self.main_params, self.clip)
+
+
+def _train_step(model, ddp_model, batch, optimizers, scaler, autocast, main_params, clip):
+    """ONE training step as trainer.train_one_epoch runs it: forward -> training_loss (NRCCR: with its
+    discriminator step) -> zero_grad -> scaled backward -> unscale -> clip -> step -> scaler update.
+    The trainer also checks the loss is finite (one host sync), which is left out here.
+    SWITCH POINT: when the shared step lands in util/training.py, this body becomes one call to it."""
+    with autocast():
+        outputs = ddp_model(batch)
+        loss, _ = model.training_loss(outputs)
+    optimizers['main'].zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizers['main'])
+    torch.nn.utils.clip_grad_norm_(main_params, clip)
+    scaler.step(optimizers['main'])
+    scaler.update()
+
+
 def _train_row(name, encoder, dim, overrides, batches, device, amp, warmup, steps):
-    """Build one model and time `steps` training steps after `warmup`, as trainer.train_one_epoch does them:
-    to device -> forward -> training_loss (NRCCR: with its discriminator step) -> backward -> clip -> step."""
-    defaults = trainer.get_args_parser()
-    lr, glr, clip = (defaults.get_default(k) for k in ('learning_rate', 'glr', 'grad_clip'))
-    torch.manual_seed(0)
-    model = build(name, encoder, dim, **overrides).to(device).train()
-    optimizer = model.configure_optimizers(lr, glr)['main']
-    main_params = model.main_parameters()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
-    autocast = trainer.autocast_factory(amp, device)
-
-    def step(i):
-        batch = dp.move_to(batches[i % len(batches)], device)
-        with autocast():
-            loss, _ = model.training_loss(model(batch))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(main_params, clip)
-        scaler.step(optimizer)
-        scaler.update()
-
+    """Build one model; count the FLOPs of one step on each distinct batch (these steps are the warm-up),
+    then time `steps` training steps."""
+    setup = TrainSetup(name, encoder, dim, overrides, device, amp)
+    flops = [count_flops(setup.step, b)[1] for b in batches]
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = float(np.median(timings(step, steps, warmup, device)))
+    seconds = float(np.median(timings(lambda i: setup.step(batches[i % len(batches)]), steps,
+                                      max(warmup - len(batches), 0), device)))
     batch_size = batches[0]['index'].shape[0]
+    model = setup.model
     row = dict(model=name, encoder=encoder, device=str(device), amp=amp, batch=batch_size, warmup=warmup,
                steps=steps, median_step_s=seconds, samples_per_s=batch_size / seconds,
+               flops_per_sample=float(np.mean(flops)) / batch_size,
                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                trainable_m=sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
     if device.type == 'cuda':
         row['peak_gpu_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return row
+
+
+# ============ profile ============
+
+def bench_profile(data, sizes, device, amp, row_limit):
+    """torch.profiler over one training step of each model (after one warm-up step); prints the ops that
+    took the most time and returns them as rows."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    sort_by = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    rows = []
+    encoder = sizes['profile_encoder']
+    for name in ('nrccr', 'mlcmr'):
+        batch_size = (trainer.MODEL_DEFAULTS['batch_size'][name == 'mlcmr'] if device.type == 'cuda'
+                      else sizes['cpu_train_batch'])
+        batch = data.batch(name, batch_size, seed=100)
+        setup = TrainSetup(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), device, amp)
+        setup.step(batch)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            setup.step(batch)
+            _sync(device)
+        events = prof.key_averages()
+        print(f'  profile {name} {encoder} {device} {amp} batch {batch_size}: top {row_limit} ops by self time',
+              flush=True)
+        print(events.table(sort_by=sort_by, row_limit=row_limit), flush=True)
+        attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+        total = sum(getattr(e, attr) for e in events) or 1.0
+        top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:row_limit]
+        rows.append(dict(model=name, encoder=encoder, device=str(device), amp=amp, batch=batch_size,
+                         total_self_ms=total / 1000,
+                         ops=[dict(op=e.key, self_ms=getattr(e, attr) / 1000, share=getattr(e, attr) / total,
+                                   calls=e.count) for e in top]))
+    return rows
+
+
+# ============ evaluation encoding ============
+
+@contextlib.contextmanager
+def encode_batches(batches):
+    """evaluation's encode loop over `batches` (lists of dataset indices) instead of its file-order ones.
+    Until evaluation._encode takes the batches as an argument (see util/bucketing.py), they are swapped in
+    here; the loop itself, and its return in dataset order, are evaluation's own."""
+    real = evaluation._shard_batches
+    evaluation._shard_batches = lambda n, batch_size, rank, world: batches
+    try:
+        yield
+    finally:
+        evaluation._shard_batches = real
+
+
+class EncodeFlops:
+    """FLOPs of one encoder call on a batch of a given shape, counted once per shape (they depend on the
+    shape only) on synthetic input of that shape."""
+
+    def __init__(self, model, device, autocast, dim):
+        self.model, self.device, self.autocast, self.dim = model, device, autocast, dim
+        self.cache = {}
+
+    @torch.inference_mode()
+    def _count(self, key, fn):
+        if key not in self.cache:
+            self.model.eval()
+            with self.autocast():
+                self.cache[key] = count_flops(fn)[1]
+        return self.cache[key]
+
+    def text(self, batch_size, length):
+        ids = torch.full((batch_size, length), FIRST_WORD, device=self.device)
+        stream = {'ids': ids, 'mask': torch.ones(batch_size, length, device=self.device),
+                  'lengths': torch.full((batch_size,), length, device=self.device)}
+        return self._count(('text', batch_size, length), lambda: self.model.embed_texts({'x': stream}))
+
+    def video(self, batch_size, length):
+        d = self.device
+        video = {'frames': torch.randn(batch_size, length, self.dim, device=d),
+                 'mask': torch.ones(batch_size, length, device=d),
+                 'lengths': torch.full((batch_size,), length, device=d),
+                 'mean': torch.randn(batch_size, self.dim, device=d)}
+        return self._count(('video', batch_size, length), lambda: self.model.embed_videos(video))
+
+
+def paired_caption_table(num_captions, vocab_size, seed=3):
+    """A test split of `num_captions` captions (10 per video) in two streams, 'primary' with 10..30 word
+    pieces and 'second' its "translation": the same length +-3 (at least 5), as translated captions track
+    their source's length. Token ids random in [FIRST_WORD, vocab_size), between [CLS] and [SEP]."""
+    rng = np.random.default_rng(seed)
+    primary = rng.integers(10, 31, size=num_captions)
+    second = np.maximum(primary + rng.integers(-3, 4, size=num_captions), 5)
+    tokens = {role: [np.concatenate(([CLS], rng.integers(FIRST_WORD, vocab_size, size=n), [SEP])).astype(np.int32)
+                     for n in lengths] for role, lengths in (('primary', primary), ('second', second))}
+    videos = [f'enc{i // 10:06d}' for i in range(num_captions)]
+    return dp.CaptionTable(cap_ids=[f'{v}#enc#{i % 10}' for i, v in enumerate(videos)], video_ids=videos,
+                           tokens=tokens)
+
+
+def bench_encode(data, sizes, device, amp, peaks):
+    """Caption encoding of a VATEX-size test split (15,000 captions x 2 streams) with masked pooling, in
+    file-order batches and in length-bucketed ones (util/bucketing.py): seconds, captions/s, padded share,
+    FLOPs per caption and MFU; the two must give the same embeddings (max difference reported). Then the
+    video encoding of the synthetic collection (file order) with its FLOPs per video."""
+    rows = []
+    table = paired_caption_table(sizes['encode_captions'], min(e['vocab_size'] for e in ENCODERS.values()))
+    texts = dp.TextDataset(table)
+    for name in ('nrccr', 'mlcmr'):
+        batch_size = trainer.MODEL_DEFAULTS['test_batch_size'][name == 'mlcmr']
+        encoder = sizes['encode_encoder']
+        torch.manual_seed(0)
+        model = build(name, encoder, data.store.dim, masked_pooling=True,
+                      **sizes['model_overrides'].get(name, {})).to(device).eval()
+        autocast = precision.autocast_factory(amp, device)
+        flops = EncodeFlops(model, device, autocast, data.store.dim)
+        reference = None
+        for order in ('file', 'length'):
+            batches = (bucketing.file_order_batches(len(table), batch_size) if order == 'file'
+                       else bucketing.caption_batches(table, batch_size, masked_pooling=True))
+            total_flops = sum(flops.text(len(b), max(len(toks[i]) for i in b))
+                              for toks in table.tokens.values() for b in batches)
+            with encode_batches(batches):
+                emb, seconds = _timed(lambda: evaluation.encode_texts(model, texts, batch_size, device,
+                                                                      autocast=autocast), device)
+            row = dict(what='encode_texts', model=name, encoder=encoder, device=str(device), amp=amp, order=order,
+                       captions=len(table), streams=len(table.tokens), batch=batch_size, seconds=seconds,
+                       captions_per_s=len(table) / seconds,
+                       padding_fraction=bucketing.padding_fraction(table, batches),
+                       flops_per_caption=total_flops / len(table))
+            if reference is None:
+                reference = emb
+            else:
+                row['max_abs_diff_vs_file_order'] = max(float((emb[r] - reference[r]).abs().max()) for r in emb)
+            rows.append(_add_mfu(row, row['flops_per_caption'], row['captions_per_s'], peaks))
+            same = (f', max |diff| vs file order {row["max_abs_diff_vs_file_order"]:.1e}'
+                    if 'max_abs_diff_vs_file_order' in row else '')
+            print(f'  encode {name:5} {encoder:5} {str(device):6} {amp:4} {len(table):,} captions x '
+                  f'{len(table.tokens)} streams, {order:6} batches of {batch_size}: {seconds:7.2f} s '
+                  f'({row["captions_per_s"]:,.0f} captions/s, {100 * row["padding_fraction"]:.0f}% padding'
+                  f'{same}) | {_mfu_text(row, "caption")}', flush=True)
+
+        videos = dp.VideoDataset(data.videos, data.store)
+        vbatches = bucketing.file_order_batches(len(videos), batch_size)
+        lengths = [min(len(data.store.video2frames[v]), dp.VIDEO_MAX_LEN) for v in data.videos]
+        total_flops = sum(flops.video(len(b), max(lengths[i] for i in b)) for b in vbatches)
+        _, seconds = _timed(lambda: evaluation.encode_videos(model, videos, batch_size, device,
+                                                             autocast=autocast), device)
+        row = dict(what='encode_videos', model=name, encoder=encoder, device=str(device), amp=amp, order='file',
+                   videos=len(videos), batch=batch_size, seconds=seconds, videos_per_s=len(videos) / seconds,
+                   flops_per_video=total_flops / len(videos))
+        rows.append(_add_mfu(row, row['flops_per_video'], row['videos_per_s'], peaks))
+        print(f'  encode {name:5} {str(device):6} {amp:4} {len(videos):,} videos, batches of {batch_size}: '
+              f'{seconds:7.2f} s ({row["videos_per_s"]:,.0f} videos/s) | {_mfu_text(row, "video")}', flush=True)
+        del model
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
 
 
 # ============ evaluation ============
@@ -372,7 +666,14 @@ def get_args_parser():
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--quick', action='store_true', help='tiny sizes, seconds (the smoke test)')
     p.add_argument('--out', default='benchmark_results.json', help='JSON file (default benchmark_results.json)')
-    p.add_argument('--only', default=','.join(SECTIONS), help='comma-separated sections (default data,train,eval)')
+    p.add_argument('--only', default=','.join(SECTIONS),
+                   help=f'comma-separated sections (default {",".join(SECTIONS)})')
+    p.add_argument('--amps', default='auto',
+                   help='precisions of the train and encode sections, e.g. off,bf16 (default auto: fp32, plus '
+                        'bf16 where the device has it natively)')
+    p.add_argument('--profile', action='store_true',
+                   help='also profile one training step of each model (torch.profiler) and print the top ops')
+    p.add_argument('--profile_rows', type=int, default=25, help='ops shown per profile table (default 25)')
     p.add_argument('--eval_budget', type=float, default=180.0,
                    help='skip a metrics size predicted to take longer than this many seconds (default 180)')
     return p
@@ -401,26 +702,36 @@ def main(argv=None):
         parser.error(f'--only {args.only}: expected a comma-separated subset of {",".join(SECTIONS)}')
     if args.threads is not None and args.threads < 1:
         parser.error(f'--threads {args.threads}: expected a positive number of threads')
+    if args.amps != 'auto' and (not train_amps(None, args.amps)
+                                or set(train_amps(None, args.amps)) - {'off', 'fp16', 'bf16'}):
+        parser.error(f'--amps {args.amps}: expected auto or a comma-separated subset of off,fp16,bf16')
     devices = _devices(args.device, parser)
     sizes = QUICK if args.quick else FULL
+    amps_of = lambda device: train_amps(device, args.amps)       # noqa: E731
     with num_threads(args.threads or torch.get_num_threads()):
         if any(d.type == 'cuda' for d in devices):      # as the trainer runs
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         report = {'machine': machine_info(devices),
-                  'settings': dict(quick=args.quick, sections=sections, eval_budget_s=args.eval_budget, **sizes)}
+                  'settings': dict(quick=args.quick, sections=sections, eval_budget_s=args.eval_budget,
+                                   amps={str(d): amps_of(d) for d in devices}, profile=args.profile, **sizes)}
         notes = []
         m = report['machine']
         print(f'benchmark: {m["cpu"]} ({m["threads"]} threads), torch {m["torch"]}'
               + (f', {m["gpu"]}' if 'gpu' in m else ''), flush=True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix='mlcmr_bench_') as tmp:
-            if 'data' in sections or 'train' in sections:
+            if {'data', 'train', 'encode'} & set(sections) or args.profile:
                 t0 = time.perf_counter()
                 data = Synthetic(tmp, sizes)
                 print(f'synthetic collection: {len(data.videos):,} videos, {len(data.store.bigfile):,} frames x '
                       f'{data.store.dim} dims, {len(data.datasets["nrccr"]):,} captions '
                       f'({time.perf_counter() - t0:.1f} s to write)', flush=True)
+            peaks = {}
+            if {'train', 'encode'} & set(sections):
+                print('matrix-product peak', flush=True)
+                report['peak'] = bench_peak(devices, amps_of, sizes)
+                peaks = {(r['device'], r['dtype']): r['flops_per_s'] for r in report['peak']}
             if 'data' in sections:
                 print('data', flush=True)
                 report['data'] = bench_data(data, sizes)
@@ -428,8 +739,20 @@ def main(argv=None):
                 print('train', flush=True)
                 report['train'] = []
                 for device in devices:
-                    for amp in (('off', 'bf16') if device.type == 'cuda' else ('off',)):
-                        report['train'] += bench_train(data, sizes, device, amp, notes)
+                    for amp in amps_of(device):
+                        report['train'] += bench_train(data, sizes, device, amp, peaks, notes)
+            if args.profile:
+                print('profile', flush=True)
+                report['profile'] = []
+                for device in devices:
+                    for amp in amps_of(device):
+                        report['profile'] += bench_profile(data, sizes, device, amp, args.profile_rows)
+            if 'encode' in sections:
+                print('encode', flush=True)
+                report['encode'] = []
+                for device in devices:
+                    for amp in amps_of(device):
+                        report['encode'] += bench_encode(data, sizes, device, amp, peaks)
             if 'eval' in sections:
                 print('eval', flush=True)
                 report['eval'] = []
