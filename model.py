@@ -715,23 +715,58 @@ def _legacy_loss_options(opt):
     return out
 
 
+def _legacy_image_encoder(opt, state, clip_keys):
+    """(visual_encoder, visual_feat_dim, encoder output size) of an original NRCCR image checkpoint, whose
+    video-encoder part is `proj.{weight,bias}` (+ the CLIP model under `encoder.*` for CLIP runs): the kind comes
+    from its options (`img_encoder`), else from the weights (CLIP keys present, or a non-square `proj`)."""
+    out_dim, in_dim = state['video_encoder.proj.weight'].shape
+    named = opt.get('img_encoder') if opt.get('model_type') == 'img' else None
+    if named is not None:
+        kind = 'clip' if 'clip' in str(named).lower() else 'resnet'
+    else:
+        kind = 'clip' if clip_keys or out_dim != in_dim else 'resnet'
+    if kind == 'resnet' and out_dim != in_dim:
+        raise DataError(f'legacy NRCCR image checkpoint: its options say img_encoder {named!r} (ResNet-152, a square '
+                        f'Linear) but proj maps {in_dim} -> {out_dim} values; the weights and options disagree')
+    return kind, int(in_dim), int(out_dim)
+
+
 def convert_legacy_nrccr(saved, bert_name=None):
     """(model_cfg, state_dict) from a checkpoint in the original NRCCR release format: `model` is a list of
     five state dicts [video encoder, text encoder, video mapping, text mapping, adversarial agent] with
-    DataParallel `module.` prefixes, `opt` the training options (a plain dict here)."""
+    DataParallel `module.` prefixes, `opt` the training options (a plain dict here).
+
+    An image checkpoint (docs/models.md, 'Checkpoint formats') has `proj.*` as its video encoder; a CLIP run
+    also saved the whole CLIP model under `encoder.*`, which is dropped (CLIP got no gradient, so those are the
+    pretrained weights that util/extract_image_features.py runs once)."""
     opt = saved['opt']
     parts = _legacy_parts(saved, LEGACY_COMPONENTS, 'nrccr')
-    state = {}
+    state, clip_keys = {}, 0
     for component, part in zip(LEGACY_COMPONENTS, parts):
         for key, value in part.items():
             if _unused_bert_key(key):
                 continue
+            if component == 'video_encoder' and _strip_wrapper(key).startswith('encoder.'):
+                clip_keys += 1
+                continue
             state[_legacy_key(component, key)] = value
-    feat_dim = state['video_encoder.input_proj_layer.net.1.weight'].shape[1]
+    image = 'video_encoder.proj.weight' in state
+    if image:
+        visual_encoder, feat_dim, video_hidden = _legacy_image_encoder(opt, state, clip_keys)
+    elif 'video_encoder.input_proj_layer.net.1.weight' in state:
+        visual_encoder, feat_dim = 'transformer', state['video_encoder.input_proj_layer.net.1.weight'].shape[1]
+        video_hidden = state['video_mapping.fc1.weight'].shape[1]
+    else:
+        raise DataError('legacy NRCCR checkpoint: its video encoder holds neither input_proj_layer.* (video) nor '
+                        'proj.* (image) weights; is it an NRCCR release checkpoint?')
+    if image and state['video_mapping.fc1.weight'].shape[1] != video_hidden:
+        raise DataError(f'legacy NRCCR image checkpoint: the image encoder gives {video_hidden} values but the '
+                        f'video mapping reads {state["video_mapping.fc1.weight"].shape[1]}; the weights are '
+                        'inconsistent')
     layer_list = opt.get('layer_list') or NRCCR.DEFAULTS['trainable_layers']
     if isinstance(layer_list, str):
-        layer_list = layer_list.split()
-    video_layer = int(opt.get('video_layer') or 1)
+        layer_list = layer_list.split('-') if '-' in layer_list else layer_list.split()
+    video_layer = 1 if image else int(opt.get('video_layer') or 1)
     if video_layer > 1 and not any(k.startswith('video_encoder.extra_layers.') for k in state):
         raise DataError(f'legacy NRCCR checkpoint trained with video_layer {video_layer}: the original code kept '
                         'the extra video attention layers outside the model (untrained, not saved), so this '
@@ -739,10 +774,10 @@ def convert_legacy_nrccr(saved, bert_name=None):
     name = bert_name or opt.get('bert_name') or 'bert-base-multilingual-cased'
     cfg = model_config(
         'nrccr', bert_name=name, bert_config=_legacy_bert_config(state, 'text_encoder.bert.encoder.layer.', name),
-        trainable_layers=list(layer_list), frozen=opt.get('frozen', 'frozen'), visual_feat_dim=feat_dim,
+        trainable_layers=list(layer_list), frozen=opt.get('frozen', 'frozen'), visual_feat_dim=int(feat_dim),
         mapping_dim=state['video_mapping.fc1.weight'].shape[0],
         text_hidden_size=state['text_mapping.fc1.weight'].shape[1],
-        video_hidden_size=state['video_mapping.fc1.weight'].shape[1], video_layer=video_layer,
+        video_hidden_size=int(video_hidden), video_layer=video_layer, visual_encoder=visual_encoder,
         text_num_attention=opt.get('text_num_attention', 8), visual_num_attention=opt.get('visual_num_attention', 8),
         disc_type=opt.get('disc_type', 'weak'), sim_ratio=opt.get('sim_ratio', 0.2),
         tri_alpha=opt.get('tri_alpha', 0.6), dtl_beta=opt.get('dtl_beta', 0.4),

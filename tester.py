@@ -35,7 +35,7 @@ SIMS_AUTO_LIMIT = 50_000_000
 
 # data_cfg keys the command line may override (None: the checkpoint's value)
 DATA_OVERRIDES = ('collection', 'visual_feature', 'data_type', 'train_mode', 'label_situation', 'target_language',
-                  'bert_name', 'strict')
+                  'bert_name', 'strict', 'task', 'clean_eval')
 
 
 def get_args_parser():
@@ -54,7 +54,12 @@ def get_args_parser():
                    help='MLCMR: selects the fusion weight (default: from the checkpoint)')
     p.add_argument('--label_situation', default=None, choices=['human_label', 'translate'],
                    help='MLCMR: selects the fusion weight (default: from the checkpoint)')
-    p.add_argument('--data_type', default=None, help='NRCCR: default from the checkpoint (google_enc2zh)')
+    p.add_argument('--data_type', default=None,
+                   help='NRCCR: default from the checkpoint (google_enc2zh; images e.g. google_enc2de)')
+    p.add_argument('--task', type=int, default=None, choices=[1, 2],
+                   help='images: Multi-30K task of the test files (default: the training run\'s)')
+    p.add_argument('--clean_eval', default=None, choices=['raw', 'en'],
+                   help='images: English MT tokenised raw (parity) or cleaned (default: the training run\'s)')
     p.add_argument('--bert_name', default=None,
                    help='tokenizer (and, for original release checkpoints, BERT config) source; default from the '
                         'checkpoint')
@@ -116,8 +121,9 @@ def existing_results(out_dir, overwrite):
 
 
 def build_test_data(args, data_cfg, model, target):
+    """Captions and visual store of the test split (images: the split's own id file and features)."""
     tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
-    store = dp.FrameStore(paths.feature_dir(args.rootpath, data_cfg['collection'], data_cfg['visual_feature']))
+    store = dp.open_store(args.rootpath, data_cfg, args.split)
     if store.dim != model.cfg['visual_feat_dim']:
         raise DataError(f'{store.path}: features have {store.dim} dims but the checkpoint expects '
                         f'{model.cfg["visual_feat_dim"]}; pass the --visual_feature the model was trained with')

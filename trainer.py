@@ -28,6 +28,7 @@ from basic.errors import DataError
 from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
+from util import image_data
 from util import runs
 from util.data_provider import EvalData  # noqa: F401  (re-exported for scripts that used trainer.EvalData)
 from util.precision import autocast_factory
@@ -47,11 +48,26 @@ def get_args_parser():
     g = p.add_argument_group('Data')
     g.add_argument('--rootpath', default=os.path.join(os.path.expanduser('~'), 'VisualSearch'),
                    help='VisualSearch root holding <collection>/FeatureData and TextData (default ~/VisualSearch)')
-    g.add_argument('--collection', default='vatex', help='vatex, msrvttcn, toy, ... (default vatex)')
-    g.add_argument('--visual_feature', default='i3d_kinetics',
-                   help='feature folder under FeatureData (vatex: i3d_kinetics; msrvttcn: resnext101-resnet152)')
+    g.add_argument('--collection', default='vatex',
+                   help='vatex, msrvttcn, toy (videos); multi30k, mscoco, toyimg (images) (default vatex)')
+    g.add_argument('--visual_feature', default=None,
+                   help='feature folder under FeatureData (default: vatex i3d_kinetics, msrvttcn '
+                        'resnext101-resnet152, toy toy_feature; images: clip_vit_b32 or resnet_152 by --img_encoder, '
+                        'toyimg toy_clip)')
     g.add_argument('--data_type', default='google_enc2zh',
-                   help='NRCCR translation files <C>train_<data_type> (default google_enc2zh)')
+                   help='NRCCR translation files <C>train_<data_type> (default google_enc2zh; Multi-30K '
+                        'google_enc2de|fr|cs, MSCOCO google_enc2zh|ja)')
+    g.add_argument('--model_type', default=None, choices=['video', 'img'],
+                   help='video or image collection (default: img for multi30k, mscoco, toyimg, else video; '
+                        'a renamed image collection needs img)')
+    g.add_argument('--img_encoder', default=None, type=_img_encoder,
+                   help='images: clip (CLIP ViT-B/32 embeddings, default) or resnet_152 (pooled ResNet-152 '
+                        'features); picks the image encoder and the default --visual_feature')
+    g.add_argument('--task', type=int, default=1, choices=[1, 2],
+                   help='Multi-30K task 1 (default) or 2 (training on the Flickr30k task-2 captions)')
+    g.add_argument('--clean_eval', default='raw', choices=['raw', 'en'],
+                   help='images: tokenise the English MT of val/test raw (parity with the original image code) or '
+                        'cleaned as the video variant does (en)')
     g.add_argument('--val_split', default='val',
                    help="caption files used for validation (default val; the MLCMR reference used 'test' on "
                         'MSR-VTT, which do_all_mlcmr.sh reproduces)')
@@ -156,7 +172,14 @@ def get_args_parser():
                              "the original scripts pass these; they change nothing and are not part of the run's "
                              'configuration hash')
     g.add_argument('--collectionStrt', default='single', choices=['single'], help='collection structure')
-    g.add_argument('--model_type', default='video', choices=['video'], help='only the video variant exists')
+    g.add_argument('--img_encoder_name', default=None,
+                   help='CLIP model of the original image scripts; features are extracted once by '
+                        'util/extract_image_features.py --model instead')
+    g.add_argument('--img_encoder_input_dim', type=int, default=None,
+                   help='read from the features (512 for CLIP ViT-B/32)')
+    g.add_argument('--img_path', default=None,
+                   help='JPEG folder of the original image scripts; extract its features once with '
+                        'util/extract_image_features.py --images IMG_PATH')
     g.add_argument('--text_layer', type=int, default=1, help='unused in the reference')
     g.add_argument('--text_pooling', default='mean', choices=['mean'], help='text pooling is the mean')
     g.add_argument('--video_pooling', default='mean', choices=['mean'], help='video pooling is the mean')
@@ -172,6 +195,26 @@ def get_args_parser():
 
 # ============ configuration ============
 
+def _img_encoder(value):
+    try:
+        return image_data.img_encoder_name(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def resolve_visual_args(args):
+    """Video or image run, image encoder and feature folder, from the flags and the collection's name."""
+    if args.model_type is None:
+        args.model_type = 'img' if image_data.is_image_collection(args.collection) else 'video'
+    if args.model_type == 'img':
+        args.img_encoder = args.img_encoder or 'clip'
+        args.visual_feature = args.visual_feature or image_data.default_feature(args.collection, args.img_encoder)
+    else:
+        args.img_encoder = None
+        args.visual_feature = args.visual_feature or paths.PRESETS.get(args.collection, {}).get('feature',
+                                                                                              'i3d_kinetics')
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()])
     return finalize_args(parser.parse_args(argv))
@@ -180,6 +223,7 @@ def parse_args(argv=None):
 def finalize_args(args):
     """Validate and derive model-dependent defaults in one place (derived values get their own names)."""
     defaults = models.MODELS[args.model].RUN_DEFAULTS
+    resolve_visual_args(args)
     args.cv_name = args.cv_name or defaults['cv_name']
     args.batch_size = args.batch_size or defaults['batch_size']
     args.val_batch_size = args.eval_batch_size or defaults['val_batch_size']
@@ -219,7 +263,8 @@ def model_cfg_from_args(args, feat_dim):
             disc_residual_on_relu=args.disc_residual == 'relu', tri_alpha=args.tri_alpha,
             dtl_beta=args.dtl_beta, back_w=args.back_w, l1_gama=args.l1_gama, scale=args.scale,
             dtl_detach_teacher=args.dtl_detach_teacher, feat_detach_teacher=args.feat_detach_teacher,
-            sim_ratio=args.sim_ratio)
+            sim_ratio=args.sim_ratio, visual_encoder=image_data.visual_encoder(args.img_encoder)
+            if args.model_type == 'img' else 'transformer')
     return models.model_config(
         'mlcmr', **common, visual_rnn_size=args.visual_rnn_size, visual_kernel_num=args.visual_kernel_num,
         visual_kernel_sizes=[int(k) for k in args.visual_kernel_sizes.split('-')], concate=args.concate,
@@ -227,20 +272,27 @@ def model_cfg_from_args(args, feat_dim):
 
 
 def check_inputs(args):
-    """The collection and its feature and caption folders exist: checked before any run folder is made,
+    """The collection and its feature and caption folders exist (for an image collection also: the target
+    language, every caption file, each split's id file and features): checked before any run folder is made,
     so a typo leaves nothing behind."""
     collection = paths.collection_dir(args.rootpath, args.collection)
     if not os.path.isdir(collection):
         raise DataError(f'{collection}: no such collection folder; check --rootpath and --collection (a collection '
                         'is a folder holding FeatureData/ and TextData/)')
+    if args.model_type == 'img' and args.model != 'nrccr':
+        raise DataError(f'{collection}: image collections are trained with NRCCR only; pass --model nrccr')
     features = paths.feature_dir(args.rootpath, args.collection, args.visual_feature)
     if not os.path.isdir(features):
         have = sorted(os.listdir(os.path.dirname(features))) if os.path.isdir(os.path.dirname(features)) else []
         raise DataError(f'{features}: no such feature folder; check --visual_feature (found: '
-                        f'{", ".join(have) or "none"})')
+                        f'{", ".join(have) or "none"})' + ('; CLIP features are made once by '
+                        'util/extract_image_features.py' if args.model_type == 'img' else ''))
     text = paths.text_dir(args.rootpath, args.collection)
     if not os.path.isdir(text):
         raise DataError(f'{text}: no caption folder; put the caption files of {args.collection} there')
+    if args.model_type == 'img':
+        splits = ('train', args.val_split) + (() if args.skip_test else ('test',))
+        image_data.check_image_collection(args.rootpath, data_cfg_from_args(args), splits)
 
 
 def seed_everything(seed):
@@ -287,20 +339,26 @@ def seed_and_backends(args, run):
 # ============ data, model ============
 
 def build_data(args, data_cfg, run):
-    """Tokenizer, frame store, training set and loader, validation data."""
+    """Tokenizer, visual stores (video: one for all splits; images: one per split), training set and loader,
+    validation data."""
     tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
-    store = dp.FrameStore(paths.feature_dir(args.rootpath, data_cfg['collection'], data_cfg['visual_feature']))
+    stores = dp.open_stores(args.rootpath, data_cfg, ('train', data_cfg['val_split']))
+    store, val_store = stores['train'], stores[data_cfg['val_split']]
+    if val_store.dim != store.dim:
+        raise DataError(f'{val_store.path}: {val_store.dim}-d features but the training features {store.path} '
+                        f'have {store.dim}; both splits must come from the same extractor')
     table = dp.train_table(args.rootpath, data_cfg, tokenizer)
     train_set = dp.TrainDataset(table, store, augment=args.model == 'mlcmr', mask_id=tokenizer.mask_token_id,
                                 frame_sampling=data_cfg['frame_sampling'], seed=args.seed)
-    val = dp.EvalData(args.rootpath, data_cfg, data_cfg['val_split'], tokenizer, store, purpose='val')
+    val = dp.EvalData(args.rootpath, data_cfg, data_cfg['val_split'], tokenizer, val_store, purpose='val')
     sampler = None
     if run.world > 1:
         sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=args.seed)
     loader = dp.make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
                             sampler=sampler, pin_memory=run.device.type == 'cuda')
-    logger.info('train: %d captions of %d videos (%s); val: %d captions, %d videos',
-                len(train_set), len(table.videos), ', '.join(table.files.values()), len(val.table), len(val.videos))
+    kind = 'images' if dp.is_image(data_cfg) else 'videos'
+    logger.info('train: %d captions of %d %s (%s); val: %d captions, %d %s', len(train_set), len(table.videos),
+                kind, ', '.join(table.files.values()), len(val.table), len(val.videos), kind)
     return SimpleNamespace(cfg=data_cfg, store=store, train_set=train_set, sampler=sampler, loader=loader, val=val)
 
 

@@ -27,6 +27,7 @@ from basic.bigfile import BigFile
 from basic.captions import clean_english, pair_captions, read_captions, video_order
 from basic.errors import DataError
 from basic.video2frames import load_video2frames
+from util import image_data
 from util.batching import collate, collate_ids, collate_video, move_to  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -291,6 +292,11 @@ DATA_DEFAULTS = dict(
     tokenizer_lower_case=True,      # parity: lower-case and strip accents even for the cased mBERT
     val_split='val',                # caption files used for validation
     strict=False,                   # a caption whose partner caption is missing: skip (False) or error
+    # image collections (docs/data.md, 'Image collections'); a video run keeps these defaults
+    model_type='video',             # video | img: which store and caption naming the data layer uses
+    task=1,                         # Multi-30K task 1 | 2
+    img_encoder=None,               # images: clip | resnet_152 (the encoder whose features are read)
+    clean_eval='raw',               # images: the English MT of val/test raw (the original) | en (cleaned)
 )
 
 
@@ -305,12 +311,44 @@ def data_config(**overrides):
 def data_config_from_train_args(train_args):
     """The data config of a checkpoint written before `data_cfg` was stored (or of an original NRCCR
     release checkpoint, whose options name the collection `trainCollection`): taken from its stored
-    arguments, with the defaults for what they lack."""
+    arguments, with the defaults for what they lack.
+
+    The original options of every run hold `model_type` ('video' unless an image run), `img_encoder`
+    (default 'clip') and `task` (default 2); they count for image runs only. An original CLIP image run read
+    JPEGs, so its `visual_feature` names nothing it used: the CLIP feature folder of the collection is read."""
     cfg = {k: train_args[k] for k in DATA_DEFAULTS if train_args.get(k) is not None}
     if 'collection' not in cfg and train_args.get('trainCollection'):
         cfg['collection'] = train_args['trainCollection']
     cfg.setdefault('collection', None)
+    if cfg.get('model_type', 'video') != 'img':
+        for key in ('model_type', 'task', 'img_encoder', 'clean_eval'):
+            cfg.pop(key, None)
+        return dict(DATA_DEFAULTS, **cfg)
+    cfg['img_encoder'] = image_data.img_encoder_name(cfg.get('img_encoder'))
+    cfg['task'] = int(cfg.get('task', 1))
+    if cfg['img_encoder'] == 'clip' and cfg['collection']:
+        cfg['visual_feature'] = image_data.default_feature(cfg['collection'], 'clip')
     return dict(DATA_DEFAULTS, **cfg)
+
+
+def is_image(data_cfg):
+    return data_cfg.get('model_type', 'video') == 'img'
+
+
+def open_store(rootpath, data_cfg, split):
+    """The visual store a split reads: the collection's FrameStore (one for every split) for video, the
+    split's ImageStore (its own id file and features) for images."""
+    if is_image(data_cfg):
+        return image_data.open_image_store(rootpath, data_cfg, split)
+    return FrameStore(paths.feature_dir(rootpath, data_cfg['collection'], data_cfg['visual_feature']))
+
+
+def open_stores(rootpath, data_cfg, splits):
+    """{split: store} for `splits`; a video collection opens its one FrameStore once."""
+    if is_image(data_cfg):
+        return {s: image_data.open_image_store(rootpath, data_cfg, s) for s in dict.fromkeys(splits)}
+    store = open_store(rootpath, data_cfg, None)
+    return {s: store for s in splits}
 
 
 # ============ what each model reads ============
@@ -318,7 +356,9 @@ def data_config_from_train_args(train_args):
 def train_table(rootpath, data_cfg, tokenizer):
     """The training caption table of the run's model / mode (docs/data.md, 'NRCCR caption files', 'MLCMR caption files')."""
     cfg, C = data_cfg, data_cfg['collection']
-    if cfg['model'] == 'nrccr':
+    if is_image(cfg):
+        streams = image_data.image_streams(rootpath, cfg, 'train')
+    elif cfg['model'] == 'nrccr':
         streams = paths.nrccr_streams(C, 'train', cfg['data_type'])
     elif cfg['train_mode'] == 'unparallel':
         half = paths.mlcmr_streams(C, 'train', 'unparallel')[0]
@@ -336,9 +376,12 @@ def eval_table(rootpath, data_cfg, split, tokenizer, purpose='test', target_lang
 
     MLCMR validates on `<C><split>.caption.txt` + `<C><split>_zh.caption.txt` whatever the target language
     (the trainer passes split='test' for MSR-VTT, the reference's parity quirk) and tests on the files of
-    the target language (`target_language`, default the config's)."""
+    the target language (`target_language`, default the config's). Image collections: docs/data.md,
+    'Image collections' (primary = the English MT, second = the human caption)."""
     cfg, C = data_cfg, data_cfg['collection']
-    if cfg['model'] == 'nrccr':
+    if is_image(cfg):
+        streams = image_data.image_streams(rootpath, cfg, split)
+    elif cfg['model'] == 'nrccr':
         streams = paths.nrccr_streams(C, split, cfg['data_type'])
     elif purpose == 'val':
         streams = paths.mlcmr_val_streams(C, split)

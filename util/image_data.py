@@ -1,4 +1,4 @@
-"""Image collections (Multi-30K, MSCOCO, the toy `toyimg`) for NRCCR: feature stores and caption tables.
+"""Image collections (Multi-30K, MSCOCO, the toy `toyimg`) for NRCCR: feature stores and caption streams.
 
 An image is a one-frame video: `ImageStore` has the interface of `util.data_provider.FrameStore` (`dim`,
 `path`, `check_videos(ids, source)`, `frames(id) -> (1, D) float32`), so the video datasets, collate and
@@ -10,13 +10,17 @@ models serve images unchanged. Two feature layouts are read (docs/data.md, 'Imag
     format), as written by `util/extract_image_features.py` and `util/txt2bin.py`. The split id lists are then
     optional: when present they must name images of the BigFile.
 
-The functions take a plain data config dict (`data_cfg`):
+The functions take the root folder and the run's data config (util/data_provider.py DATA_DEFAULTS); the keys
+they read besides collection, visual_feature and strict:
 
-    rootpath, collection, visual_feature   where the collection and its features are
-    data_type                              '<provider>_enc2<xx>', e.g. google_enc2de (xx = target language)
-    task                                   Multi-30K task 1 or 2 (default 1; MSCOCO: 1)
-    strict                                 captions without a partner caption are an error, not skipped
-    clean_eval                             'raw' (the original image code) or 'en' (clean the English MT)
+    model_type    'img' for an image collection (the data layer dispatches on it)
+    data_type     '<provider>_enc2<xx>', e.g. google_enc2de (xx = target language)
+    task          Multi-30K task 1 or 2 (MSCOCO and the toy collection: 1)
+    img_encoder   'clip' or 'resnet_152' (which encoder, hence which default feature folder)
+    clean_eval    'raw' (the original image code) or 'en' (clean the English MT, as the video variant does)
+
+The data layer (util/data_provider.py `open_store`, `train_table`, `eval_table`) calls the store and stream
+functions; this module does not import it.
 """
 import logging
 import os
@@ -26,28 +30,40 @@ import numpy as np
 from basic import paths
 from basic.bigfile import BigFile
 from basic.errors import DataError
-from util import data_provider as dp
 
 logger = logging.getLogger(__name__)
 
 _SHOW = 5
-DATA_CFG_DEFAULTS = dict(task=1, strict=False, clean_eval='raw', visual_feature=None)
+# --img_encoder -> (the model's visual_encoder, the default feature folder) (docs/models.md, 'Image encoders')
+IMG_ENCODERS = {'clip': ('clip', 'clip_vit_b32'), 'resnet_152': ('resnet', 'resnet_152')}
 
 
 def _first(items):
     return ', '.join(items[:_SHOW]) + (', ...' if len(items) > _SHOW else '')
 
 
-def image_data_cfg(**overrides):
-    """A data config with the defaults above filled in (rootpath, collection and data_type are required)."""
-    cfg = dict(DATA_CFG_DEFAULTS, **overrides)
-    for key in ('rootpath', 'collection', 'data_type'):
-        if not cfg.get(key):
-            raise ValueError(f'image data config needs {key!r}')
-    if cfg['visual_feature'] is None:
-        cfg['visual_feature'] = paths.IMAGE_PRESETS.get(cfg['collection'], {}).get('feature', 'clip_vit_b32')
-    cfg['task'] = int(cfg['task'])
-    return cfg
+def img_encoder_name(name):
+    """'clip' or 'resnet_152' from the spellings the original accepted ('clip', 'resnet_152', 'resnet152')."""
+    name = str(name or 'clip').lower()
+    if 'clip' in name:
+        return 'clip'
+    if name.replace('_', '').replace('-', '') == 'resnet152':
+        return 'resnet_152'
+    raise ValueError(f'img_encoder must be clip or resnet_152, got {name!r}')
+
+
+def visual_encoder(img_encoder):
+    """The model's visual_encoder ('clip' | 'resnet') for an --img_encoder value."""
+    return IMG_ENCODERS[img_encoder_name(img_encoder)][0]
+
+
+def default_feature(collection, img_encoder):
+    """The feature folder an image run reads when --visual_feature is not given: the collection preset's CLIP
+    feature (toyimg: toy_clip) for CLIP, `resnet_152` for ResNet-152."""
+    kind = img_encoder_name(img_encoder)
+    if kind == 'clip':
+        return paths.IMAGE_PRESETS.get(collection, {}).get('feature', IMG_ENCODERS['clip'][1])
+    return IMG_ENCODERS[kind][1]
 
 
 def is_image_collection(collection):
@@ -166,16 +182,15 @@ def has_bigfile(feature_dir):
     return os.path.isfile(os.path.join(feature_dir, 'feature.bin'))
 
 
-def open_image_store(data_cfg, split):
+def open_image_store(rootpath, data_cfg, split):
     """The feature store of a split: the BigFile of `<C>/FeatureData/<feature>/` when there is one (with the
     split's id file as order when present), else the split's id file + `.npy` array."""
-    cfg = data_cfg
-    root, C, feature, data_type = cfg['rootpath'], cfg['collection'], cfg['visual_feature'], cfg['data_type']
-    fdir = paths.feature_dir(root, C, feature)
-    id_file = paths.image_id_file(root, C, split, feature, data_type)
+    C, feature, data_type = data_cfg['collection'], data_cfg['visual_feature'], data_cfg['data_type']
+    fdir = paths.feature_dir(rootpath, C, feature)
+    id_file = paths.image_id_file(rootpath, C, split, feature, data_type)
     if has_bigfile(fdir):
         return ImageStore.from_bigfile(fdir, id_file if os.path.isfile(id_file) else None)
-    candidates = paths.image_npy_candidates(root, C, split, feature, data_type)
+    candidates = paths.image_npy_candidates(rootpath, C, split, feature, data_type)
     npy = next((p for p in candidates if os.path.isfile(p)), None)
     if npy is None:
         raise DataError(f'{candidates[0]}: no {split} features for {C} (also looked for '
@@ -185,7 +200,7 @@ def open_image_store(data_cfg, split):
     return ImageStore.from_npy(id_file, npy)
 
 
-# ============ caption tables ============
+# ============ caption streams ============
 
 def image_languages(rootpath, collection):
     """Target languages of a collection: its preset's, else those with training MT files in TextData."""
@@ -201,48 +216,39 @@ def image_languages(rootpath, collection):
     return tuple(sorted(found))
 
 
-def check_language(data_cfg):
-    """DataError unless the collection has captions in the data_type's target language."""
+def check_language(rootpath, data_cfg):
+    """DataError unless the collection has captions in the data_type's target language and the task exists."""
+    C = data_cfg['collection']
     try:
         _, xx = paths.image_target(data_cfg['data_type'])
     except ValueError as e:
         raise DataError(f'--data_type: {e}') from None
-    known = image_languages(data_cfg['rootpath'], data_cfg['collection'])
+    known = image_languages(rootpath, C)
     if known and xx not in known:
-        raise DataError(f'{paths.text_dir(data_cfg["rootpath"], data_cfg["collection"])}: collection '
-                        f'{data_cfg["collection"]!r} has no {xx!r} captions (languages: {", ".join(known)}); '
-                        f'pass --data_type google_enc2<{"|".join(known)}>')
-    task = data_cfg.get('task', 1)
-    tasks = paths.IMAGE_PRESETS.get(data_cfg['collection'], {}).get('tasks', (1, 2))
+        raise DataError(f'{paths.text_dir(rootpath, C)}: collection {C!r} has no {xx!r} captions (languages: '
+                        f'{", ".join(known)}); pass --data_type google_enc2<{"|".join(known)}>')
+    task = int(data_cfg.get('task', 1))
+    tasks = paths.IMAGE_PRESETS.get(C, {}).get('tasks', (1, 2))
     if task not in tasks:
-        raise DataError(f'{paths.collection_dir(data_cfg["rootpath"], data_cfg["collection"])}: task {task} does '
-                        f'not exist for {data_cfg["collection"]!r} (tasks: {", ".join(map(str, tasks))})')
+        raise DataError(f'{paths.collection_dir(rootpath, C)}: task {task} does not exist for {C!r} (tasks: '
+                        f'{", ".join(map(str, tasks))}); pass --task {tasks[0]}')
 
 
-def image_streams(data_cfg, split):
-    check_language(data_cfg)
-    return paths.image_streams(data_cfg['collection'], split, data_cfg['data_type'], data_cfg.get('task', 1),
+def image_streams(rootpath, data_cfg, split):
+    """The caption streams of a split (roles src/tr/bt in training, primary/second in val and test; docs/data.md,
+    'Image collections'). The original image tester put the human caption in its first slot and fused with
+    w = 0.5; the slots here are the video ones (primary = English MT), and w = 0.5 on either slot is the same
+    fusion."""
+    check_language(rootpath, data_cfg)
+    return paths.image_streams(data_cfg['collection'], split, data_cfg['data_type'], int(data_cfg.get('task', 1)),
                                data_cfg.get('clean_eval', 'raw'))
 
 
-def image_train_table(data_cfg, tokenizer):
-    """Training captions with roles 'src' (English), 'tr' (MT into xx), 'bt' (back-translation)."""
-    return dp.load_caption_table(data_cfg['rootpath'], data_cfg['collection'], image_streams(data_cfg, 'train'),
-                                 tokenizer, strict=data_cfg.get('strict', False))
-
-
-def image_eval_table(data_cfg, split, tokenizer):
-    """Validation / test captions with roles 'primary' (MT of xx into English) and 'second' (human xx).
-
-    The original image tester puts the human caption in its first slot and fuses with w = 0.5; the slots here
-    are the video ones, and w = 0.5 on either slot is the same fusion."""
-    return dp.load_caption_table(data_cfg['rootpath'], data_cfg['collection'], image_streams(data_cfg, split),
-                                 tokenizer, strict=data_cfg.get('strict', False))
-
-
-def image_split(data_cfg, split, tokenizer, train=False):
-    """(table, store) of a split with every caption image checked against the store."""
-    table = image_train_table(data_cfg, tokenizer) if train else image_eval_table(data_cfg, split, tokenizer)
-    store = open_image_store(data_cfg, split)
-    store.check_videos(table.video_ids, next(iter(table.files.values())))
-    return table, store
+def check_image_collection(rootpath, data_cfg, splits):
+    """Before a run starts: the target language and task exist, every caption file of `splits` is there and
+    every split's features open (id file and .npy rows agree). One DataError naming the first problem."""
+    check_language(rootpath, data_cfg)
+    for split in splits:
+        for stream in image_streams(rootpath, data_cfg, split):
+            paths.resolve_stream(rootpath, data_cfg['collection'], stream)
+        open_image_store(rootpath, data_cfg, split)

@@ -19,13 +19,16 @@ logger = logging.getLogger('mlcmr')
 
 # Flags accepted for the original scripts that change nothing (the trainer lists them under
 # "Compatibility (accepted, no effect)" in --help).
-COMPAT_ARGS = frozenset({'collectionStrt', 'model_type', 'text_layer', 'text_pooling', 'video_pooling',
-                         'momentum', 'optim', 'measure', 'text_norm', 'visual_norm', 'gru_pool', 'val_metric'})
+COMPAT_ARGS = frozenset({'collectionStrt', 'text_layer', 'text_pooling', 'video_pooling',
+                         'momentum', 'optim', 'measure', 'text_norm', 'visual_norm', 'gru_pool', 'val_metric',
+                         'img_encoder_name', 'img_encoder_input_dim', 'img_path'})
 # Flags that change where and how a run executes, not what it computes.
 RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'skip_test',
                            'compile', 'postfix', 'cv_name', 'strict'})
 # Both stay out of the configuration hash; values the trainer derives (val_batch_size) follow their flag.
 NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size'}
+# Flags of image runs: in the hash of image runs only, so a video run keeps the folder it had before images.
+IMAGE_ONLY_ARGS = frozenset({'model_type', 'img_encoder', 'task', 'clean_eval'})
 
 # Output errors turned into one line: no space, no permission, read-only file system. Other OSErrors
 # (a missing file, a bad descriptor, ...) keep their traceback: they point at a bug or a bad input.
@@ -75,8 +78,10 @@ def run_cli(main_fn, args):
 
 
 def config_hash(args):
-    """Short hash of every argument that changes the result (NON_CONFIG_ARGS excluded)."""
-    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in NON_CONFIG_ARGS}
+    """Short hash of every argument that changes the result (NON_CONFIG_ARGS excluded; IMAGE_ONLY_ARGS too
+    unless it is an image run)."""
+    skip = NON_CONFIG_ARGS | (frozenset() if getattr(args, 'model_type', 'video') == 'img' else IMAGE_ONLY_ARGS)
+    cfg = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
