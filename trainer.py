@@ -54,9 +54,9 @@ def get_args_parser():
                    help='feature folder under FeatureData (default: vatex i3d_kinetics, msrvttcn '
                         'resnext101-resnet152, toy toy_feature; images: clip_vit_b32 or resnet_152 by --img_encoder, '
                         'toyimg toy_clip)')
-    g.add_argument('--data_type', default='google_enc2zh',
-                   help='NRCCR translation files <C>train_<data_type> (default google_enc2zh; Multi-30K '
-                        'google_enc2de|fr|cs, MSCOCO google_enc2zh|ja)')
+    g.add_argument('--data_type', default=None,
+                   help='NRCCR translation files <C>train_<data_type> (default: videos google_enc2zh; Multi-30K '
+                        'and toyimg google_enc2de (or fr, cs), MSCOCO google_enc2ja (or zh))')
     g.add_argument('--model_type', default=None, choices=['video', 'img'],
                    help='video or image collection (default: img for multi30k, mscoco, toyimg, else video; '
                         'a renamed image collection needs img)')
@@ -209,7 +209,9 @@ def resolve_visual_args(args):
     if args.model_type == 'img':
         args.img_encoder = args.img_encoder or 'clip'
         args.visual_feature = args.visual_feature or image_data.default_feature(args.collection, args.img_encoder)
+        args.data_type = args.data_type or image_data.default_data_type(args.rootpath, args.collection)
     else:
+        args.data_type = args.data_type or 'google_enc2zh'
         args.img_encoder = None
         args.visual_feature = args.visual_feature or paths.PRESETS.get(args.collection, {}).get('feature',
                                                                                               'i3d_kinetics')

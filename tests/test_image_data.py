@@ -31,7 +31,19 @@ def tok(img_root):
 
 
 def cfg_of(root, lang='de', **kw):
-    return idata.image_data_cfg(rootpath=root, collection='toyimg', data_type=f'google_enc2{lang}', **kw)
+    """(rootpath, data_cfg) of the toy image collection."""
+    kw.setdefault('visual_feature', 'toy_clip')
+    return root, dp.data_config(collection='toyimg', model_type='img', img_encoder='clip',
+                                data_type=f'google_enc2{lang}', **kw)
+
+
+def image_split(rc, split, tok, train=False):
+    """(table, store) of a split through the data layer, every caption's image checked against the store."""
+    root, cfg = rc
+    table = dp.train_table(root, cfg, tok) if train else dp.eval_table(root, cfg, split, tok)
+    store = dp.open_store(root, cfg, split)
+    store.check_videos(table.video_ids, next(iter(table.files.values())))
+    return table, store
 
 
 def names(streams):
@@ -163,21 +175,21 @@ def test_open_image_store_prefers_a_bigfile(img_root, tmp_path):
     root = str(tmp_path / 'copy')
     shutil.copytree(img_root, root)
     cfg = cfg_of(root, visual_feature='toy_clip')
-    npy_store = idata.open_image_store(cfg, 'val')
+    npy_store = idata.open_image_store(*cfg, 'val')
     assert npy_store.path.endswith('val-toy_clip-avgpool.npy') and len(npy_store) == TINY_IMG['n_val']
     # the same features as a BigFile of every split: used instead, ordered by the split's id file
     all_ids, rows = [], []
     for split in paths.SPLITS:
-        s = idata.open_image_store(cfg, split)
+        s = idata.open_image_store(*cfg, split)
         all_ids += s.ids
         rows += [s.frames(i)[0] for i in s.ids]
     write_bigfile(paths.feature_dir(root, 'toyimg', 'toy_clip'), all_ids, np.stack(rows))
-    big_store = idata.open_image_store(cfg, 'val')
+    big_store = idata.open_image_store(*cfg, 'val')
     assert big_store.path == paths.feature_dir(root, 'toyimg', 'toy_clip') and big_store.ids == npy_store.ids
     for i in npy_store.ids:
         np.testing.assert_array_equal(big_store.frames(i), npy_store.frames(i))
     with pytest.raises(DataError, match=r'val-nofeat-avgpool\.npy: no val features for toyimg'):
-        idata.open_image_store(cfg_of(root, visual_feature='nofeat'), 'val')
+        idata.open_image_store(*cfg_of(root, visual_feature='nofeat'), 'val')
 
 
 # ============ caption tables ============
@@ -186,13 +198,13 @@ def test_tables_roles_pairing_and_store(img_root, tok):
     n = TINY_IMG['captions_per_image']
     for lang in ('de', 'fr', 'cs'):
         cfg = cfg_of(img_root, lang)
-        assert cfg['visual_feature'] == 'toy_clip' and cfg['task'] == 1
-        train, store = idata.image_split(cfg, 'train', tok, train=True)
+        assert cfg[1]['task'] == 1 and idata.default_feature('toyimg', 'clip') == 'toy_clip'
+        train, store = image_split(cfg, 'train', tok, train=True)
         assert set(train.tokens) == {'src', 'tr', 'bt'} and len(train) == TINY_IMG['n_train'] * n
         assert train.files['tr'].endswith(f'toyimgtrain_google_enc2{lang}.caption.txt')
         assert store.dim == TINY_IMG['dim'] and set(train.video_ids) <= set(store.ids)
         for split, count in (('val', TINY_IMG['n_val']), ('test', TINY_IMG['n_test'])):
-            table, store = idata.image_split(cfg, split, tok)
+            table, store = image_split(cfg, split, tok)
             assert set(table.tokens) == {'primary', 'second'} and len(table.videos) == count
             assert f'google_{lang}2enc' in os.path.basename(table.files['primary'])
             assert os.path.basename(table.files['second']).startswith(f'toyimg{split}_{lang}')
@@ -202,8 +214,8 @@ def test_tables_roles_pairing_and_store(img_root, tok):
 
 
 def test_eval_clean_rule(img_root, tok):
-    raw = idata.image_eval_table(cfg_of(img_root), 'val', tok)
-    cleaned = idata.image_eval_table(cfg_of(img_root, clean_eval='en'), 'val', tok)
+    raw = dp.eval_table(*cfg_of(img_root), 'val', tok)
+    cleaned = dp.eval_table(*cfg_of(img_root, clean_eval='en'), 'val', tok)
     with open(raw.files['primary'], encoding='utf-8') as f:
         first = f.readline().split(' ', 1)[1].strip()
     assert raw.tokens['primary'][0].tolist() == tok(first)['input_ids']
@@ -214,9 +226,9 @@ def test_eval_clean_rule(img_root, tok):
 def test_table_errors(img_root, tok, tmp_path):
     with pytest.raises(DataError, match=r"TextData: collection 'toyimg' has no 'ja' captions \(languages: de, fr, cs\); "
                                         r'pass --data_type google_enc2<de\|fr\|cs>'):
-        idata.image_train_table(cfg_of(img_root, 'ja'), tok)
+        dp.train_table(*cfg_of(img_root, 'ja'), tok)
     with pytest.raises(DataError, match="task 2 does not exist for 'toyimg'"):
-        idata.image_train_table(cfg_of(img_root, task=2), tok)
+        dp.train_table(*cfg_of(img_root, task=2), tok)
     root = str(tmp_path / 'copy')
     shutil.copytree(img_root, root)
     # a caption whose image has no features
@@ -227,10 +239,10 @@ def test_table_errors(img_root, tok, tmp_path):
         f.write('123.jpg#de#0 ein Hund\n')
     with pytest.raises(DataError, match=r'toyimgval_google_de2enc_task1\.caption\.txt: 1 images have no features in '
                                         r'.*val-toy_clip-avgpool\.npy \(first: 123\)'):
-        idata.image_split(cfg_of(root), 'val', tok)
+        image_split(cfg_of(root), 'val', tok)
     os.remove(os.path.join(text, 'toyimgtest_fr_2016.caption.txt'))
     with pytest.raises(DataError, match=r"no caption file for stream 'second' \(tried toyimgtest_fr_2016\.caption\.txt\)"):
-        idata.image_eval_table(cfg_of(root, 'fr'), 'test', tok)
+        dp.eval_table(*cfg_of(root, 'fr'), 'test', tok)
 
 
 # ============ toy collection ============
@@ -256,7 +268,7 @@ def test_toy_features_carry_the_concepts(img_root):
     """Images sharing a subject are closer than images sharing none of the concepts (the collection is learnable)."""
     from util.make_toy_data import plan_images
     plan = {im.vid: im.concepts for im in plan_images(0, TINY_IMG['n_train'], TINY_IMG['n_val'], TINY_IMG['n_test'])}
-    store = idata.open_image_store(cfg_of(img_root), 'train')
+    store = idata.open_image_store(*cfg_of(img_root), 'train')
     x = np.stack([store.frames(i)[0] for i in store.ids])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     sims = x @ x.T

@@ -66,6 +66,15 @@ def default_feature(collection, img_encoder):
     return IMG_ENCODERS[kind][1]
 
 
+def default_data_type(rootpath, collection):
+    """The data_type an image run reads when --data_type is not given: google_enc2<xx> with xx = de for
+    Multi-30K and the toy collection, ja for MSCOCO (the original scripts' defaults), else the collection's
+    first language."""
+    preferred = {'multi30k': 'de', 'toyimg': 'de', 'mscoco': 'ja'}.get(collection)
+    languages = image_languages(rootpath, collection)
+    return f'google_enc2{preferred or (languages[0] if languages else "de")}'
+
+
 def is_image_collection(collection):
     """True for the image collections this code knows by name (a renamed copy needs `--model_type img`)."""
     return collection in paths.IMAGE_PRESETS
