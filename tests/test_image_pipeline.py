@@ -356,3 +356,32 @@ def test_image_test_scripts_pass_flags_the_tester_accepts(tmp_path, script, coll
     parser = argparse.ArgumentParser(parents=[tester.get_args_parser()])
     a = parser.parse_args(test[0][1:])
     assert (a.rootpath, a.collection, a.logger_name, a.clean_eval) == ('/R', collection, '/R/run', 'en')
+
+
+@pytest.mark.skipif(shutil.which('bash') is None, reason='needs bash')
+def test_multi30k_scripts_train_and_test_a_multi30k_shaped_collection(tmp_path):
+    """do_all_multi30k.sh and do_test_multi30k.sh for real, on a tiny collection named multi30k (toy features,
+    tiny BERT and sizes passed as extra flags, which come after the script's and win)."""
+    import sys
+    root = str(tmp_path / 'VS')
+    make_toy_image_collection(root, 'multi30k', **TINY_IMG)
+    env = dict(os.environ, PYTHON=sys.executable, FEATURE='toy_clip', OMP_NUM_THREADS='1')
+    tiny = img_argv(root, 'script', '--num_epochs', '1', '--data_type', 'google_enc2fr', collection='multi30k')
+    tiny = tiny[tiny.index('--bert_name'):]
+    proc = subprocess.run(['bash', str(REPO / 'do_all_multi30k.sh'), root, '1', 'cpu', *tiny], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs_dir = os.path.join(root, 'multi30k', 'MM_2022', 'multi30k')
+    (name,) = os.listdir(runs_dir)
+    assert name.startswith('nrccr_toy_clip_google_enc2fr_not-so-weak_cfg')
+    run = os.path.join(runs_dir, name, 'script')
+    saved = ckpt.load_checkpoint(os.path.join(run, 'model_best.pth.tar'))
+    assert (saved['data_cfg']['model_type'], saved['data_cfg']['task'], saved['data_cfg']['img_encoder']) == (
+        'img', 1, 'clip')
+    assert 'multi30ktest_google_fr2enc_2016' in proc.stdout
+    proc = subprocess.run(['bash', str(REPO / 'do_test_multi30k.sh'), root, run, 'cpu', '--results_dir',
+                           str(tmp_path / 'res'), '--workers', '0'], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / 'res' / 'metrics.json') as f:
+        assert list(json.load(f)) == ['w=1.0', 'w=0.8', 'w=0.5', 'w=0.2', 'w=0.0']
