@@ -95,9 +95,7 @@ def checkpoint_path(args):
 def data_cfg_for_test(args, path, train_args):
     """The checkpoint's data config (derived from its stored arguments when it predates `data_cfg`), with
     the command line's overrides."""
-    stored = ckpt.load_checkpoint(path, map_location='meta').get('data_cfg')   # meta: no tensor is read
-    cfg = dict(dp.DATA_DEFAULTS, **stored) if stored else dp.data_config_from_train_args(train_args)
-    cfg['model'] = train_args.get('model', cfg['model'])
+    cfg = dp.checkpoint_data_config(path, train_args)
     for key in DATA_OVERRIDES:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)

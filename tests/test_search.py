@@ -47,14 +47,14 @@ def test_scores_are_the_testers_matrices(tested_run, toy_root):
         assert f.read().split() == cap_ids
     with open(os.path.join(results, 'video_ids.txt')) as f:
         assert f.read().split() == s.video_ids
-    assert torch.equal(s.scores(chinese), torch.from_numpy(np.load(os.path.join(results, 'sims_second.npy'))))
-    assert torch.equal(s.scores(english, clean='en'),
+    assert torch.equal(s.scores(chinese).float(), torch.from_numpy(np.load(os.path.join(results, 'sims_second.npy'))))
+    assert torch.equal(s.scores(english, clean='en').float(),
                        torch.from_numpy(np.load(os.path.join(results, 'sims_primary.npy'))))
     sweep = s.model.fusion_sweep(target_language='zh', train_mode='parallel', label_situation='translate')
     assert len(sweep) == (5 if model == 'nrccr' else 1)
     for label, w in sweep:
         fused = np.load(os.path.join(results, f'sims_{label}.npy'))
-        assert torch.equal(s.scores(chinese, second=english, weight=w), torch.from_numpy(fused)), label
+        assert torch.equal(s.scores(chinese, second=english, weight=w).float(), torch.from_numpy(fused)), label
     # the default weight is NRCCR's validation weight (0.2) / MLCMR's only one
     assert s.weight == (0.2 if model == 'nrccr' else sweep[0][1])
 
