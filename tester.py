@@ -8,7 +8,10 @@ NRCCR release format); the command line overrides the data settings it names. Re
 (default <rootpath>/<collection>/results/<run>/...): metrics.json (per fusion weight), report.txt (the
 paper-style tables), sims_<label>.npy ([captions, videos] fused similarities), sims_primary.npy /
 sims_second.npy, caption_ids.txt and video_ids.txt. Metrics are computed on float64 similarity matrices;
-the .npy files store them as float32 (half the disk).
+the .npy files store them as float32 (half the disk). With --save_embeddings 1 also the embeddings the
+metrics were computed from (float32): video_emb.npy [videos, D] (rows in video_ids.txt order) and
+caption_emb_primary.npy / caption_emb_second.npy [captions, D] (rows in caption_ids.txt order);
+evaluation.similarity(caption_emb_<role>, video_emb) rebuilds the float64 matrix the metrics ranked.
 """
 import argparse
 import json
@@ -64,6 +67,9 @@ def get_args_parser():
     p.add_argument('--save_sims', default='auto', choices=['auto', '1', '0'],
                    help='save the [captions, videos] similarity matrices (.npy); auto: when at most '
                         f'{SIMS_AUTO_LIMIT:,} entries, else metrics are streamed from embeddings')
+    p.add_argument('--save_embeddings', type=int, default=0, choices=[0, 1],
+                   help='1: also save the caption embeddings per role and the video embeddings (float32 .npy: '
+                        'video_emb.npy, caption_emb_<role>.npy; l2-normalised rows when the metrics are streamed)')
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=5)
     p.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'])
@@ -161,11 +167,17 @@ def score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir):
     return results, '\n\n'.join(report)
 
 
-def write_results(out_dir, ckpt_path, data, sims, results, report):
-    """ids, report and, last (atomically), metrics.json: its presence means the test is complete."""
+def write_results(out_dir, ckpt_path, data, sims, results, report, embeddings=None):
+    """ids, report, the (texts, videos) `embeddings` when given and, last (atomically), metrics.json: its
+    presence means the test is complete."""
     if sims is not None:
         for role, s in sims.items():
             np.save(os.path.join(out_dir, f'sims_{role}.npy'), s.numpy().astype(np.float32))
+    if embeddings is not None:
+        texts, videos = embeddings
+        np.save(os.path.join(out_dir, 'video_emb.npy'), videos.numpy().astype(np.float32))
+        for role, emb in texts.items():
+            np.save(os.path.join(out_dir, f'caption_emb_{role}.npy'), emb.numpy().astype(np.float32))
     with open(os.path.join(out_dir, 'caption_ids.txt'), 'w') as f:
         f.write('\n'.join(data.table.cap_ids) + '\n')
     with open(os.path.join(out_dir, 'video_ids.txt'), 'w') as f:
@@ -204,7 +216,8 @@ def _main(args):
     batch_size = args.eval_batch_size or models.MODELS[data_cfg['model']].RUN_DEFAULTS['test_batch_size']
     texts, videos, sims = encode(args, model, data, device, batch_size)
     results, report = score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir)
-    return write_results(out_dir, path, data, sims, results, report)
+    return write_results(out_dir, path, data, sims, results, report,
+                         embeddings=(texts, videos) if args.save_embeddings else None)
 
 
 if __name__ == '__main__':

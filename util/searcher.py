@@ -498,8 +498,10 @@ class Searcher:
 
     # ---- two-stage exact search (LowPrecisionGallery) ----
     def _exact(self, q_row, cand):
-        """float64 exact scores of one float64 unit query against the gallery columns `cand`."""
-        return unit64(self.video_emb[cand]) @ q_row
+        """float64 exact scores of one float64 unit query against the gallery columns `cand`. A row-wise
+        product and sum, so a score depends only on the two vectors (a matrix-vector product may round a row
+        differently by its position): duplicate videos tie exactly and rank by gallery order."""
+        return (unit64(self.video_emb[cand]) * q_row).sum(dim=1)
 
     def _low_blocks(self, q):
         step = max(1, self.block // max(1, len(self.video_ids)))
