@@ -58,7 +58,7 @@ def get_args_parser():
     g.add_argument('--scoring', default='auto', choices=SCORING,
                    help='exact search: dense (float64 gallery, the tester\'s arithmetic), two-stage (bfloat16 '
                         'pre-filter with an error bound, float64 re-scoring: the same top-k, less memory traffic) '
-                        'or auto (dense up to 2^24 videos x dims)')
+                        'or auto (dense for --split and up to 2^22 videos x dims)')
     g.add_argument('--prefilter', default='auto', choices=['auto', *PREFILTER_DTYPES],
                    help='two-stage pre-filter type (auto: bfloat16 on CPU, float32 on CUDA)')
     g.add_argument('--json', action='store_true', help='print JSON instead of tables')

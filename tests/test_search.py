@@ -227,9 +227,11 @@ def test_bench_search_quick_smoke():
     from util import bench_search
     rows = bench_search.run(quick=True, indexes=('exact',), log=lambda *_: None)
     names = [r[0] for r in rows]
-    assert names == ['index_videos_per_s', 'search_exact_1000', 'query_exact_1000', 'search_exact_5000',
-                     'query_exact_5000']
+    assert names == ['index_videos_per_s', 'query_tokenise', 'query_bert', 'query_text_encoder',
+                     'search_exact_1000', 'query_exact_1000', 'search_exact_100000', 'query_exact_100000']
     assert all(r[1] > 0 for r in rows)
+    notes = dict((r[0], r[3]) for r in rows)
+    assert 'dense float64' in notes['search_exact_1000'] and 'two-stage bfloat16' in notes['search_exact_100000']
 
 
 # ============ the two-stage exact search ============

@@ -177,7 +177,7 @@ def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size,
 
 # "Exact" is the tester's arithmetic (evaluation.similarity): the float64 cosine of the float32 embeddings,
 # l2_normalize(q.double()) . l2_normalize(v.double()), ranked by descending score, ties by gallery order.
-DENSE_LIMIT = 1 << 24      # videos x dims up to which 'auto' keeps a float64 gallery (128 MiB) and scores densely
+DENSE_LIMIT = 1 << 22      # videos x dims up to which 'auto' keeps a float64 gallery (32 MiB) and scores densely
 U64 = 2.0 ** -53           # unit roundoff of float64
 TINY = 2.0 ** -126         # smallest normal float32 / bfloat16: what one flushed sub-normal can change
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
@@ -407,6 +407,8 @@ class Searcher:
         emb, folder = load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers,
                                              frame_sampling, log)
         weight = default_weight(model, data_cfg) if weight is None else weight
+        if split and scoring == 'auto':
+            scoring = 'dense'            # a split's gallery: the tester's arithmetic, bit for bit
         searcher = cls(model, tokenizer, video_ids, emb, device, batch_size, weight, clean, index, faiss_index, folder,
                        scoring=scoring, prefilter=prefilter, amp=amp)
         searcher.checkpoint, searcher.feature_dir, searcher.cache_folder = path, feature_dir, folder
@@ -434,21 +436,25 @@ class Searcher:
     def score_blocks(self, queries, second=None, weight=None, clean=None):
         """Yield (first query row, [B, N] float64 block) of the exact (fused) similarity matrix, with the
         tester's arithmetic (evaluation.similarity, evaluation.fuse)."""
+        q = self.encode(queries, clean)
+        e = None if second is None else self.encode(second, 'en')
+        if second is not None and len(second) != len(queries):
+            raise ValueError(f'{len(second)} second texts for {len(queries)} queries; give one per query (or None)')
+        yield from self._score_blocks(q, e, self.weight if weight is None else weight)
+
+    def _score_blocks(self, q, e, w):
         gallery = self._gallery64()
-        q = unit64(self.encode(queries, clean))
-        n = len(queries)
+        q = unit64(q)
+        n = len(q)
         step = max(1, self.block // max(1, len(self.video_ids)))
 
         def sims(emb, i0):
             return emb[i0:i0 + step].to(self.device) @ gallery.T
-        if second is None:
+        if e is None:
             for i0 in range(0, n, step):
                 yield i0, sims(q, i0)
             return
-        if len(second) != n:
-            raise ValueError(f'{len(second)} second texts for {n} queries; give one per query (or None)')
-        w = self.weight if weight is None else weight
-        e = unit64(self.encode(second, 'en'))
+        e = unit64(e)
         if not self.fusion_normalize:
             for i0 in range(0, n, step):
                 yield i0, w * sims(e, i0) + (1 - w) * sims(q, i0)
@@ -483,18 +489,23 @@ class Searcher:
             raise ValueError('give a second text for every query or for none')
         if second is not None and len(second) != len(queries):
             raise ValueError(f'{len(second)} second texts for {len(queries)} queries; give one per query (or None)')
-        k = max(1, min(int(k), len(self.video_ids)))
-        if self.faiss is not None:
-            ranked = self._faiss_rank(queries, k, second, weight, clean)
-        elif self.low is not None:
-            ranked = self._two_stage_rank(queries, k, second, weight, clean)
-        else:
-            ranked = []
-            for _, block in self.score_blocks(queries, second, weight, clean):
-                ranked.extend(topk_stable(block, k))
-        return [Result(q, None if second is None else second[i],
+        q_emb = self.encode(queries, clean)
+        e_emb = None if second is None else self.encode(second, 'en')
+        ranked = self.rank(q_emb, k, e_emb, weight)
+        return [Result(query, None if second is None else second[i],
                        [Hit(r + 1, self.video_ids[j], float(s)) for r, (j, s) in enumerate(hits)])
-                for i, (q, hits) in enumerate(zip(queries, ranked))]
+                for i, (query, hits) in enumerate(zip(queries, ranked))]
+
+    def rank(self, q, k=10, e=None, weight=None):
+        """The search step on encoded queries: per row of the raw query embeddings q [Q, D] (fused with the
+        English embeddings e when given), the k best (gallery column, score) pairs, best first."""
+        k = max(1, min(int(k), len(self.video_ids)))
+        w = self.weight if weight is None else weight
+        if self.faiss is not None:
+            return self._faiss_rank(q, k, e, w)
+        if self.low is not None:
+            return self._two_stage_rank(q, k, e, w)
+        return [hits for _, block in self._score_blocks(q, e, w) for hits in topk_stable(block, k)]
 
     # ---- two-stage exact search (LowPrecisionGallery) ----
     def _exact(self, q_row, cand):
@@ -527,10 +538,10 @@ class Searcher:
         lo = min(mins)
         return lo, max(s - lo for s in maxs)
 
-    def _two_stage_rank(self, queries, k, second, weight, clean):
-        q = unit64(self.encode(queries, clean))
+    def _two_stage_rank(self, q, k, e, w):
+        q = unit64(q)
         out, counts = [], []
-        if second is None:
+        if e is None:
             for i0, low, bound in self._low_blocks(q):
                 for i in range(len(low)):
                     hits, n = refine(low[i], bound[i], k, lambda c, r=q[i0 + i]: self._exact(r, c))
@@ -538,8 +549,7 @@ class Searcher:
                     counts.append(n)
             self.last_candidates = counts
             return out
-        w = self.weight if weight is None else weight
-        e = unit64(self.encode(second, 'en'))
+        e = unit64(e)
         # fused = w * f_e(S_e) + (1 - w) * f_q(S_q), f = identity (MLCMR) or (s - lo) / top (NRCCR, top > 0)
         if self.fusion_normalize:
             (lo_e, top_e), (lo_q, top_q) = self._exact_range(e), self._exact_range(q)
@@ -577,19 +587,18 @@ class Searcher:
         return out
 
     # ---- FAISS ----
-    def _faiss_rank(self, queries, k, second, weight, clean):
-        q = evaluation.l2_normalize(self.encode(queries, clean)).numpy()
-        if second is None:
+    def _faiss_rank(self, q, k, e, w):
+        q = evaluation.l2_normalize(q).numpy()
+        if e is None:
             scores, ids = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), k)
             return [[(int(j), float(s)) for j, s in zip(ri, rs) if j >= 0] for ri, rs in zip(ids, scores)]
-        e = evaluation.l2_normalize(self.encode(second, 'en')).numpy()
+        e = evaluation.l2_normalize(e).numpy()
         m = max(k, min(self.candidates, len(self.video_ids)))
         _, ids_q = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), m)
         _, ids_e = self.faiss.search(np.ascontiguousarray(e, dtype=np.float32), m)
-        w = self.weight if weight is None else weight
         video = self.unit32()
         out = []
-        for i in range(len(queries)):
+        for i in range(len(q)):
             cand = torch.from_numpy(np.union1d(ids_q[i][ids_q[i] >= 0], ids_e[i][ids_e[i] >= 0]))
             v = video[cand]
             sq, se = v @ torch.from_numpy(q[i]), v @ torch.from_numpy(e[i])
