@@ -127,6 +127,7 @@ def emit(results, as_json):
 
 
 def interactive(searcher, k, as_json):
+    searcher.encode(['warm up'])          # the first forward pass initialises kernels: not the user's query
     print('type a query (optionally "query || English text"); an empty line or Ctrl-D ends', file=sys.stderr)
     while True:
         try:

@@ -21,7 +21,8 @@ Rows (name, value, unit, note):
                          dims, else the two-stage bfloat16 pre-filter + float64 re-scoring; FAISS index.search)
   query_<index>_<N>      end to end: tokenise + encode + search, median and p95
 Targets (docs/search.md): 100k exact search step < 20 ms; end-to-end query < 100 ms with the bert-base encoder.
---amp bf16 times the text side under bfloat16 autocast (scores change slightly; off by default).
+--amp bf16 times the text side under bfloat16 autocast (scores change slightly; off by default);
+--prefilter float16 times the float16 pre-filter (faster for one query at a time on CPU, slow for batches).
 """
 import argparse
 import os
@@ -131,11 +132,12 @@ def bench_text(model, tokenizer, vocab, sizes, device, amp='off'):
             for name, fn in (('tokenise', tokenise), ('bert', bert), ('text_encoder', encoder))}
 
 
-def bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp='off'):
+def bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp='off', prefilter='auto'):
     """(search step seconds, end-to-end seconds, searcher) per query for a gallery of n random embeddings."""
     gen = torch.Generator().manual_seed(n)
     emb = torch.randn(n, sizes['dim'], generator=gen)
-    searcher = Searcher(model, tokenizer, [f'v{i}' for i in range(n)], emb, device=device, index=index, amp=amp)
+    searcher = Searcher(model, tokenizer, [f'v{i}' for i in range(n)], emb, device=device, index=index, amp=amp,
+                        prefilter=prefilter)
     del emb
     warm, runs = sizes['queries']
     queries = random_queries(vocab, warm + runs)
@@ -152,7 +154,7 @@ def bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp='off'):
     return _timed(step, warm, runs, device), _timed(end_to_end, warm, runs, device), searcher, candidates
 
 
-def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp='off', log=print):
+def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp='off', prefilter='auto', log=print):
     """Rows [(name, value, unit, note)] of the search benchmark; also printed through `log`."""
     sizes = QUICK if quick else FULL
     device = torch.device(device)
@@ -181,7 +183,8 @@ def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp
                     log('faiss: not installed (pip install faiss-cpu), skipped')
                     continue
             for n in sizes['galleries']:
-                step, e2e, searcher, cands = bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp)
+                step, e2e, searcher, cands = bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp,
+                                                           prefilter)
                 how = (f'FAISS {searcher.faiss.__class__.__name__}' if searcher.faiss is not None else
                        f'{searcher.scoring}' + (f' {str(searcher.low.dtype)[6:]}, median {int(np.median(cands))} '
                                                 'candidates' if searcher.low is not None else ' float64'))
@@ -204,8 +207,10 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
     p.add_argument('--amp', default='off', choices=['off', 'bf16', 'fp16'],
                    help='autocast for the text side (default off: the tester\'s embeddings)')
+    p.add_argument('--prefilter', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help='two-stage pre-filter type (auto: bfloat16 on CPU, float32 on CUDA)')
     args = p.parse_args(argv)
-    return run(args.quick, args.device, tuple(args.index.split(',')), args.threads, args.amp)
+    return run(args.quick, args.device, tuple(args.index.split(',')), args.threads, args.amp, args.prefilter)
 
 
 if __name__ == '__main__':
