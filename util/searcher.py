@@ -22,30 +22,47 @@ English streams are; 'auto' cleans queries made only of ASCII characters and lea
 optional English text per query (`second`, e.g. the query's machine translation) is always cleaned, as the
 tester's English stream is.
 
-Scores. Cosine similarity: l2-normalised query embeddings times l2-normalised video embeddings (exactly
-`evaluation.similarity`). With `second`, the two matrices are fused as the tester fuses its English stream
+Scores. Cosine similarity in float64: l2-normalised query embeddings times l2-normalised video embeddings,
+both normalised in float64 from the float32 embeddings (exactly `evaluation.similarity`, whose matrices the
+tester's metrics rank). With `second`, the two matrices are fused as the tester fuses its English stream
 (role 'primary') with the other language (role 'second'): NRCCR `evaluation.fuse(S_english, S_query, w)`, i.e.
 min-max normalised over the whole [queries x videos] matrix of the call; MLCMR `w * S_english + (1 - w) *
 S_query`. `w` is the weight on the English text: NRCCR default `sim_ratio` (0.2, its validation setting), MLCMR
 the tester's (0.45 for target zh, 0.55 for target en; 0.15 / 0.85 for parallel human_label).
 Ranking: descending score, ties by gallery order (as the tester's metrics break them).
 
-When search equals the tester. For the same checkpoint, device, gallery (`split=` the tester's split) and batch
-size, and queries = the split's captions in file order passed in one call, the score matrices are bit-identical
-to the tester's `sims_second.npy` (the target-language captions as queries), `sims_primary.npy` (the English
-captions as queries, clean='en') and `sims_<label>.npy` (queries + second, w = that label's weight), so the
-rankings are the same (tests/test_search.py checks this). The batch size matters because the parity defaults pool
-text (and NRCCR video) features over padded positions: an embedding depends on the longest item of its batch.
-A query searched alone is its own batch (no padding), and NRCCR's fused ranking of a query also depends on the
-other queries of the call through the min-max ranges. Calls with more than `block` queries x videos are split
-into blocks of queries (the fusion ranges still cover the whole call); a matrix product of another shape may
-round differently, so bit-equality is promised for one block only.
+Exact search (`scoring`). 'dense': a float64 copy of the unit gallery and the float64 [queries x videos]
+product, the tester's arithmetic. 'two-stage': a low-precision copy of the unit gallery (bfloat16 on CPU)
+scores every video, a rigorous bound on the low-precision error keeps every video that can still be in the
+top k, and only those are re-scored in float64 (LowPrecisionGallery has the derivation and the proof): the
+same top-k, reading 2 bytes per gallery entry per query instead of 8. 'auto' (default): dense for a `split`
+gallery and up to DENSE_LIMIT videos x dims, two-stage above. Both return the float64 scores.
 
-Index. 'exact' (default): the matrix product above on `device`. 'faiss': a FAISS inner-product index (faiss-cpu or
-faiss-gpu, optional) over the normalised video embeddings, built once and cached beside the gallery; the factory
-'Flat' is exact, others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate and scale to millions of videos. With a
-second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with the min-max ranges
-taken over the candidates (an approximation of the full-matrix ranges).
+When search equals the tester. For the same checkpoint, device, gallery (`split=` the tester's split) and
+batch size, and queries = the split's captions in file order passed in one call, the float64 score matrices
+are bit-identical to the ones the tester's metrics rank, which it saves as float32 in `sims_second.npy` (the
+target-language captions as queries), `sims_primary.npy` (the English captions as queries, clean='en') and
+`sims_<label>.npy` (queries + second, w = that label's weight); `tester.py --save_embeddings 1` saves the
+embeddings they are built from. So the rankings are the same (tests/test_search.py checks this). The
+two-stage path scores each video with a row-wise float64 product, which may differ from the tester's matrix
+product in the last bit (about 1e-16): its ranking agrees except between videos whose float64 scores differ
+by that much. The batch size matters because the parity defaults pool text (and NRCCR video) features over
+padded positions: an embedding depends on the longest item of its batch. A query searched alone is its own
+batch (no padding), and NRCCR's fused ranking of a query also depends on the other queries of the call
+through the min-max ranges. Calls with more than `block` queries x videos are split into blocks of queries
+(the fusion ranges still cover the whole call); a matrix product of another shape may round differently, so
+bit-equality is promised for one block only.
+
+Index. 'exact' (default): the dense or two-stage search above on `device`. 'faiss': a FAISS inner-product
+index (faiss-cpu or faiss-gpu, optional) over the float32 normalised video embeddings, built once and cached
+beside the gallery; the factory 'Flat' is exact in float32 (scores and near-ties may differ from the float64
+ones in the 7th digit), others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate and scale to millions of
+videos. With a second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with
+the min-max ranges taken over the candidates (an approximation of the full-matrix ranges).
+
+Speed (util/bench_search.py, docs/search.md 'Large galleries'): `encode` runs under torch.inference_mode in
+one batch per call; `amp` ('bf16' / 'fp16') autocasts the text encoder only when asked (scores change
+slightly; the gallery is always encoded in float32).
 """
 import hashlib
 import json
