@@ -549,11 +549,11 @@ class Searcher:
         mins, maxs = [], []
         for i0, low, bound in self._low_blocks(q):
             b = bound.to(low.device, torch.float64)[:, None]
-            for rows, keep in ((mins, low.double() - b <= upper_min), (maxs, low.double() + b >= lower_max)):
-                for i, j in torch.nonzero(keep).cpu().tolist():
-                    rows.append(self._exact(q[i0 + i], torch.tensor([j]))[0])
-        lo = min(mins)
-        return lo, max(s - lo for s in maxs)
+            for found, keep in ((mins, low.double() - b <= upper_min), (maxs, low.double() + b >= lower_max)):
+                for i in torch.nonzero(keep.any(dim=1)).squeeze(1).tolist():
+                    found.append(self._exact(q[i0 + i], torch.nonzero(keep[i]).squeeze(1).cpu()))
+        lo = torch.cat(mins).min()
+        return lo, (torch.cat(maxs) - lo).max()
 
     def _two_stage_rank(self, q, k, e, w):
         q = unit64(q)
