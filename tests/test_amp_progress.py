@@ -76,6 +76,24 @@ def test_amp_auto_resolves_once_and_evaluation_runs_under_the_same_autocast(toy_
     assert f'(--amp {resolved}' in test_log           # the trainer passes the resolved precision on
 
 
+def test_tester_refuses_bf16_without_it_and_a_resume_says_when_auto_resolves_differently(toy_root, monkeypatch):
+    import tester
+    cpu_with_flags(monkeypatch, 'amx_bf16')
+    argv = tiny_train_argv(toy_root, 'amp_resume', '--amp', 'auto', '--num_epochs', '1', '--max_steps_per_epoch', '1',
+                           '--skip_test', '1')
+    first = trainer.main(argv)
+    os.remove(os.path.join(first['run_dir'], 'val_metric.txt'))   # as if killed before the end: it resumes
+    cpu_with_flags(monkeypatch)                                   # the same command on a CPU without bf16
+    assert trainer.main(argv)['run_dir'] == first['run_dir']
+    log = read(os.path.join(first['run_dir'], 'train.log'))
+    assert re.search(r'WARNING \S+checkpoint_last.pth.tar was trained with --amp bf16; it continues with off', log)
+    with pytest.raises(SystemExit) as e:
+        tester.main(['--checkpoint', os.path.join(first['run_dir'], 'model_best.pth.tar'), '--rootpath', toy_root,
+                     '--device', 'cpu', '--workers', '0', '--amp', 'bf16', '--results_dir', os.path.join(
+                         first['run_dir'], 'test_bf16')])
+    assert str(e.value).startswith('error: --amp bf16: cpu has no native bf16') and '\n' not in str(e.value)
+
+
 def test_amp_auto_and_log_every_keep_the_run_folder_of_their_flags(toy_root):
     base = trainer.parse_args(tiny_train_argv(toy_root, 'h'))
     assert runs.run_dir(trainer.parse_args(tiny_train_argv(toy_root, 'h', '--log_every', '7'))) == runs.run_dir(base)
