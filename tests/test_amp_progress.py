@@ -105,8 +105,9 @@ def test_amp_auto_and_log_every_keep_the_run_folder_of_their_flags(toy_root):
 
 # ============ progress ============
 
-PROGRESS = re.compile(r'INFO (?P<desc>[a-z0-9 ]+): step (?P<step>\d+)/(?P<total>\d+) \(\d+%\)(?: \| loss=(?P<loss>\S+))?'
-                      r' \| (?P<rate>[\d.]+) (?P<unit>\w+)/s \| elapsed \d+:\d\d:\d\d \| (?P<end>ETA \d+:\d\d:\d\d|done)$')
+PROGRESS = re.compile(r'INFO (?P<desc>[a-z0-9 ]+): step (?P<step>\d+)/(?P<total>\d+) \(\d+%\)'
+                      r'(?: \| loss=(?P<loss>\S+))? \| (?P<rate>[\d.]+) (?P<unit>\w+)/s'
+                      r' \| elapsed \d+:\d\d:\d\d \| (?P<end>ETA \d+:\d\d:\d\d|done)$')
 
 
 def test_progress_lines_reach_train_log_when_stderr_is_not_a_terminal(toy_root, monkeypatch):
@@ -156,7 +157,8 @@ def test_nonfinite_watch_names_the_first_bad_step_and_the_range_checked():
     watch.check('epoch 2')                                     # fine: nothing raised
     for step, value in zip(range(4, 8), (1.0, float('inf'), float('nan'), 2.0)):
         watch.update(step, torch.tensor(value))
-    with pytest.raises(FloatingPointError, match=r'^epoch 2 step 5: non-finite loss \(found when checking steps 4-7\)$'):
+    with pytest.raises(FloatingPointError,
+                       match=r'^epoch 2 step 5: non-finite loss \(found when checking steps 4-7\)$'):
         watch.check('epoch 2')
 
 

@@ -106,7 +106,8 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
         _positive(row, ['median_step_s', 'samples_per_s'])
     # search: indexing and the exact search at each quick gallery size (FAISS rows only where installed)
     names = [r['name'] for r in report['search']]
-    assert names[0] == 'index_videos_per_s' and 'search_exact_' + str(benchmark.bench_search.QUICK['galleries'][0]) in names
+    first_gallery = benchmark.bench_search.QUICK['galleries'][0]
+    assert names[0] == 'index_videos_per_s' and f'search_exact_{first_gallery}' in names
     for row in report['search']:
         assert row['device'] == 'cpu'
         _positive(row, ['value'])
