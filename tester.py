@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -28,7 +29,8 @@ from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
 from util import runs
-from util.precision import autocast_factory
+from util import bucketing
+from util.precision import AMP_CHOICES, autocast_factory, resolve_amp
 
 logger = logging.getLogger('mlcmr')
 
@@ -72,7 +74,10 @@ def get_args_parser():
                         'video_emb.npy, caption_emb_<role>.npy; l2-normalised rows when the metrics are streamed)')
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=5)
-    p.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'])
+    p.add_argument('--amp', default='off', choices=AMP_CHOICES,
+                   help="autocast of the encoders (docs/training.md, 'Mixed precision'): off = fp32 (default); "
+                        'bf16 needs native bf16 (else an error); auto = bf16 where native, fp32 elsewhere; '
+                        'after training, the trainer passes the precision it trained in')
     p.add_argument('--strict', type=runs.bool_flag, default=None,
                    help='0: skip captions whose partner caption is missing; 1: error (default: the training run\'s)')
     p.add_argument('--overwrite', type=int, default=0, help='1: evaluate again even if results exist')
@@ -130,10 +135,21 @@ def build_test_data(args, data_cfg, model, target):
 
 def encode(args, model, data, device, batch_size):
     """(texts, videos, sims): caption and video embeddings; `sims` the float64 [captions, videos] matrices
-    per role, or None when the gallery is streamed (then the embeddings come back l2-normalised, float32)."""
-    autocast = autocast_factory(args.amp, device)
+    per role, or None when the gallery is streamed (then the embeddings come back l2-normalised, float32).
+    Precision: --amp resolved for the device (util/precision.py). Captions: in length buckets when the model
+    pools over valid positions only (less padding, same embeddings), else in the original file-order
+    batches, which padded mean pooling depends on (util/bucketing.py)."""
+    amp, message = resolve_amp(args.amp, device)
+    logger.log(logging.WARNING if args.amp == 'auto' and amp == 'off' else logging.INFO, '%s', message)
+    autocast = autocast_factory(amp, device)
+    start = time.perf_counter()
     videos = evaluation.encode_videos(model, data.video_set, batch_size, device, args.workers, autocast)
-    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, args.workers, autocast)
+    batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
+    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, args.workers, autocast,
+                                    batches=batches)
+    logger.info('encoded %d videos and %d captions x %d streams in %.1f s (%s caption batches of %d)',
+                len(data.videos), len(data.table), len(texts), time.perf_counter() - start,
+                'length-bucketed' if model.cfg.get('masked_pooling', False) else 'file-order', batch_size)
     entries = len(data.table) * len(data.videos)
     if args.save_sims == '1' or (args.save_sims == 'auto' and entries <= SIMS_AUTO_LIMIT):
         return texts, videos, {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}

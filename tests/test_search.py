@@ -1,6 +1,7 @@
 """Search: the tester's exact similarities and rankings, the gallery cache, FAISS, the CLI, and end to end from
 generated .mp4 files to a query whose top-1 video is the one it describes."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -212,6 +213,11 @@ def test_videos_to_search_results(tmp_path, capsys):
                         '--num_epochs', '15', '--learning_rate', '1e-3', '--max_violation', '--workers', '0',
                         '--device', 'cpu', '--seed', '0', '--skip_test', '1', '--cv_name', 'demo'])
     queries = [c[0] for c in COLOURS] + [c[1] for c in COLOURS]        # 'red', ..., '红色', ...
+    # the trainer's log handlers (stdout) outlive its main() in this process; search logs to stderr, and its
+    # progress lines must not land in the JSON on stdout
+    root_logger = logging.getLogger()
+    for handler in [h for h in root_logger.handlers if getattr(h, '_mlcmr', False)]:
+        root_logger.removeHandler(handler)
     capsys.readouterr()
     search.main(['--checkpoint', run['run_dir'], '--rootpath', root, '--collection', COLLECTION, '--json',
                  '-k', '1', '--device', 'cpu', *[a for q in queries for a in ('--query', q)]])

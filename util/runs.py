@@ -22,10 +22,11 @@ logger = logging.getLogger('mlcmr')
 COMPAT_ARGS = frozenset({'collectionStrt', 'model_type', 'text_layer', 'text_pooling', 'video_pooling',
                          'momentum', 'optim', 'measure', 'text_norm', 'visual_norm', 'gru_pool', 'val_metric'})
 # Flags that change where and how a run executes, not what it computes.
-RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'skip_test',
-                           'compile', 'postfix', 'cv_name', 'strict'})
-# Both stay out of the configuration hash; values the trainer derives (val_batch_size) follow their flag.
-NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size'}
+RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'log_every',
+                           'skip_test', 'compile', 'postfix', 'cv_name', 'strict'})
+# Both stay out of the configuration hash; values the trainer derives (val_batch_size, amp_resolved) follow
+# their flag.
+NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size', 'amp_resolved'}
 
 # Output errors turned into one line: no space, no permission, read-only file system. Other OSErrors
 # (a missing file, a bad descriptor, ...) keep their traceback: they point at a bug or a bad input.
