@@ -14,14 +14,17 @@ about 1 s on one CPU core; 100k x 10k from embeddings about 50 s on two cores; l
 (util/bench_metrics.py).
 
 Encoding loops (`encode_videos`, `encode_texts`) run a model in eval mode under inference mode over
-consecutive batches in file order and return CPU tensors in dataset order.
+batches of dataset indices (consecutive file-order batches unless the caller passes others) and return CPU
+tensors in dataset order.
 """
 import contextlib
 
 import numpy as np
 import torch
 
+from util import bucketing
 from util.batching import collate, move_to
+from util.progress import track
 
 METRIC_KEYS = ('t2v_r1', 't2v_r5', 't2v_r10', 't2v_medr', 't2v_meanr', 't2v_map',
                'v2t_r1', 'v2t_r5', 'v2t_r10', 'v2t_medr', 'v2t_meanr', 'v2t_map', 'sumr')
@@ -299,25 +302,22 @@ def format_table(metrics, title=None):
 
 # ============ encoding loops ============
 
-def _shard_batches(n, batch_size, rank, world):
-    """Consecutive batches in file order (their composition matters for parity, docs/parity.md),
-    dealt round-robin to the ranks."""
-    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][rank::world]
-
-
 @torch.inference_mode()
-def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, desc):
-    """Run `embed(batch)` over consecutive batches in eval mode; outputs on CPU in dataset order."""
+def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, desc, unit, batches=None):
+    """Run `embed(batch)` over `batches` (lists of dataset indices; default consecutive file-order batches of
+    `batch_size`) in eval mode, each rank taking every world-th batch; outputs on CPU in dataset order.
+    Progress: a bar on a terminal, log lines elsewhere (util/progress.py), on rank 0."""
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
-    loader = DataLoader(dataset, batch_sampler=_shard_batches(len(dataset), batch_size, rank, world),
-                        collate_fn=collate, num_workers=workers, pin_memory=device.type == 'cuda')
+    batches = bucketing.file_order_batches(len(dataset), batch_size) if batches is None else batches
+    loader = DataLoader(dataset, batch_sampler=batches[rank::world], collate_fn=collate, num_workers=workers,
+                        pin_memory=device.type == 'cuda')
     was_training = model.training
     model.eval()
     index, parts = [], []
     try:
-        for batch in tqdm(loader, desc=desc, leave=False, disable=None if rank == 0 else True, dynamic_ncols=True):
+        for batch in track(loader, len(loader), desc, unit=unit, count=lambda b: len(b['index']),
+                           enabled=rank == 0):
             with autocast():
                 out = embed(move_to(batch, device))
             index.append(batch['index'])
@@ -335,16 +335,22 @@ def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, 
     return torch.cat(parts)[order]
 
 
-def encode_videos(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
-    """Unit-norm video embeddings (N_v, D) on CPU, in dataset order (docs/evaluation.md, 'Similarity matrices')."""
+def encode_videos(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None,
+                  batches=None):
+    """Unit-norm video embeddings (N_v, D) on CPU, in dataset order (docs/evaluation.md, 'Similarity matrices').
+    `batches`: lists of dataset indices (default file order; the MLCMR video GRU reads the padding, so keep
+    file order for parity)."""
     return _encode(model, lambda b: model.embed_videos(b['video']), dataset, batch_size, device, workers,
-                   autocast, dist, 'encode videos')
+                   autocast, dist, 'encode videos', 'videos', batches)
 
 
-def encode_texts(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
-    """{role: (N_c, D)} unit-norm caption embeddings on CPU, in file order."""
+def encode_texts(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None,
+                 batches=None):
+    """{role: (N_c, D)} unit-norm caption embeddings on CPU, in dataset order. `batches`: lists of dataset
+    indices, default consecutive file-order batches; with masked pooling util/bucketing.caption_batches
+    groups captions by length (less padding, the same embeddings)."""
     return _encode(model, lambda b: model.embed_texts(b['text']), dataset, batch_size, device, workers,
-                   autocast, dist, 'encode captions')
+                   autocast, dist, 'encode captions', 'captions', batches)
 
 
 def l2_normalize(x):

@@ -111,6 +111,8 @@ def gan_loss(logits, real: bool):
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)))
 
 
-def gan_accuracy(logits, real: bool) -> float:
-    """Fraction of rows whose argmax over the 2 logits equals the label (1 real, 0 fake); logged only."""
-    return (logits.detach().argmax(dim=1) == int(real)).float().mean().item()
+def gan_accuracy(logits, real: bool) -> torch.Tensor:
+    """Fraction of rows whose argmax over the 2 logits equals the label (1 real, 0 fake); logged only. A 0-d
+    tensor on the logits' device: reading it (`float(...)`) is left to the logger, so the training step does
+    not wait for the device."""
+    return (logits.detach().argmax(dim=1) == int(real)).float().mean()

@@ -5,7 +5,7 @@ and expose the same methods, so one trainer and one tester serve both:
 
     outputs = model(batch)                        # training forward: every embedding the loss needs
     logs = model.discriminator_step(outputs, optimizers)   # NRCCR: its discriminator's own step; MLCMR: {}
-    loss, logs = model.training_loss(outputs)     # scalar loss + dict of floats to log
+    loss, logs = model.training_loss(outputs)     # scalar loss + dict of detached 0-d tensors to log
     model.embed_videos(video_batch) -> (B, D)     # unit-norm video embeddings
     model.embed_texts(text_batch) -> {role: (B, D)}   # unit-norm embeddings per caption stream
     model.configure_optimizers(lr, glr) -> {name: optimizer}
@@ -462,7 +462,7 @@ class NRCCR(RetrievalModel):
         for p, g in zip(params, grads):
             p.grad = g
         opt.step()
-        return {'loss_disc': loss_d.item(), 'real_acc': losses.gan_accuracy(real, True),
+        return {'loss_disc': loss_d.detach(), 'real_acc': losses.gan_accuracy(real, True),
                 'fake_acc': losses.gan_accuracy(fake, False)}
 
     def training_loss(self, out):
@@ -484,8 +484,8 @@ class NRCCR(RetrievalModel):
                         + cfg['l1_gama'] * l_feat)
         local_terms = cfg['scale'] * l_gen          # BERT states of this rank only (mean over its batch)
         loss = global_terms * self.world_size + local_terms
-        logs.update(loss=(global_terms + local_terms).item(), tri_src=l_src.item(), tri_trans=l_tr.item(), dtl=l_dtl.item(),
-                    back_trans=l_bt.item(), feat=l_feat.item(), gen=l_gen.item())
+        logs.update(loss=(global_terms + local_terms).detach(), tri_src=l_src.detach(), tri_trans=l_tr.detach(),
+                    dtl=l_dtl.detach(), back_trans=l_bt.detach(), feat=l_feat.detach(), gen=l_gen.detach())
         return loss, logs
 
     # ---- inference ----
@@ -594,14 +594,14 @@ class MLCMR(RetrievalModel):
         tri = self._tri_kwargs(out)
         v = g(out['v'])
         l_vid = losses.symmetric_info_nce(v, g(out['v_aug']), tau=cfg['nce_tau'])
-        loss, logs = l_vid, {'nce_video': l_vid.item()}
+        loss, logs = l_vid, {'nce_video': l_vid.detach()}
         for role in [r for r in out if r in paths.MLCMR_TRAIN_ROLES]:
             t, t_masked = g(out[role]), g(out[paths.masked_role(role)])
             l_tri = losses.triplet_loss(t, v, **tri)
             l_nce = losses.symmetric_info_nce(t, t_masked, tau=cfg['nce_tau'])
             loss = loss + l_tri + l_nce
-            logs.update({f'tri_{role}': l_tri.item(), f'nce_{role}': l_nce.item()})
-        logs['loss'] = loss.item()
+            logs.update({f'tri_{role}': l_tri.detach(), f'nce_{role}': l_nce.detach()})
+        logs['loss'] = loss.detach()
         return loss * self.world_size, logs
 
     def validation_score(self, sims, cap2vid):

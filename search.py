@@ -18,7 +18,8 @@ import sys
 
 from basic.errors import DataError
 from util import runs
-from util.searcher import CLEAN_RULES, Searcher
+from util.precision import AMP_CHOICES, resolve_amp
+from util.searcher import CLEAN_RULES, PREFILTER_DTYPES, SCORING, Searcher
 
 logger = logging.getLogger('mlcmr')
 
@@ -54,11 +55,21 @@ def get_args_parser():
                    help='exact matrix product (default) or a FAISS inner-product index (pip install faiss-cpu)')
     g.add_argument('--faiss_index', default='Flat',
                    help='FAISS index factory: Flat (exact), IVF1024,Flat or HNSW32 (approximate, for millions)')
+    g.add_argument('--scoring', default='auto', choices=SCORING,
+                   help='exact search: dense (float64 gallery, the tester\'s arithmetic), two-stage (bfloat16 '
+                        'pre-filter with an error bound, float64 re-scoring: the same top-k, less memory traffic) '
+                        'or auto (dense for --split and up to 2^22 videos x dims)')
+    g.add_argument('--prefilter', default='auto', choices=['auto', *PREFILTER_DTYPES],
+                   help='two-stage pre-filter type (auto: bfloat16 on CPU, float32 on CUDA)')
     g.add_argument('--json', action='store_true', help='print JSON instead of tables')
     g = p.add_argument_group('Run')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
     g.add_argument('--batch_size', type=int, default=None, help='encoding batch (default: the tester\'s 64 / 16)')
     g.add_argument('--workers', type=int, default=0, help='data-loading processes for encoding the gallery (0)')
+    g.add_argument('--amp', default='off', choices=AMP_CHOICES,
+                   help='autocast for encoding queries: off (fp32, default; the tester\'s embeddings), bf16, fp16, '
+                        'auto (bf16 where native); changes scores slightly')
+    g.add_argument('--threads', type=int, default=None, help='CPU threads for torch (default: torch\'s choice)')
     g.add_argument('--cache', type=int, default=1, choices=[0, 1], help='cache the encoded gallery (1)')
     g.add_argument('--cache_dir', default=None, help='gallery cache folder (default <checkpoint folder>/search_cache)')
     return p
@@ -116,6 +127,7 @@ def emit(results, as_json):
 
 
 def interactive(searcher, k, as_json):
+    searcher.encode(['warm up'])          # the first forward pass initialises kernels: not the user's query
     print('type a query (optionally "query || English text"); an empty line or Ctrl-D ends', file=sys.stderr)
     while True:
         try:
@@ -143,11 +155,18 @@ def _main(args):
         device = dist.resolve_device(args.device)
     except ValueError as e:
         raise DataError(str(e)) from None
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    amp, message = resolve_amp(args.amp, device)
+    if amp != 'off':
+        print(message, file=sys.stderr)
     searcher = Searcher.from_checkpoint(
         args.checkpoint, args.rootpath, args.collection, args.feature, feature_dir=args.feature_dir, split=args.split,
         bert_name=args.bert_name, device=device, batch_size=args.batch_size, workers=args.workers,
         cache=bool(args.cache), cache_dir=args.cache_dir, index=args.index, faiss_index=args.faiss_index,
-        weight=args.weight, clean=args.clean, log=lambda m: print(m, file=sys.stderr))
+        weight=args.weight, clean=args.clean, scoring=args.scoring, prefilter=args.prefilter, amp=amp,
+        log=lambda m: print(m, file=sys.stderr))
     results = []
     if pairs:
         results = run_queries(searcher, pairs, args.top_k)

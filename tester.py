@@ -8,12 +8,16 @@ NRCCR release format); the command line overrides the data settings it names. Re
 (default <rootpath>/<collection>/results/<run>/...): metrics.json (per fusion weight), report.txt (the
 paper-style tables), sims_<label>.npy ([captions, videos] fused similarities), sims_primary.npy /
 sims_second.npy, caption_ids.txt and video_ids.txt. Metrics are computed on float64 similarity matrices;
-the .npy files store them as float32 (half the disk).
+the .npy files store them as float32 (half the disk). With --save_embeddings 1 also the embeddings the
+metrics were computed from (float32): video_emb.npy [videos, D] (rows in video_ids.txt order) and
+caption_emb_primary.npy / caption_emb_second.npy [captions, D] (rows in caption_ids.txt order);
+evaluation.similarity(caption_emb_<role>, video_emb) rebuilds the float64 matrix the metrics ranked.
 """
 import argparse
 import json
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -25,7 +29,8 @@ from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
 from util import runs
-from util.precision import autocast_factory
+from util import bucketing
+from util.precision import AMP_CHOICES, autocast_factory, resolve_amp
 
 logger = logging.getLogger('mlcmr')
 
@@ -69,9 +74,15 @@ def get_args_parser():
     p.add_argument('--save_sims', default='auto', choices=['auto', '1', '0'],
                    help='save the [captions, videos] similarity matrices (.npy); auto: when at most '
                         f'{SIMS_AUTO_LIMIT:,} entries, else metrics are streamed from embeddings')
+    p.add_argument('--save_embeddings', type=int, default=0, choices=[0, 1],
+                   help='1: also save the caption embeddings per role and the video embeddings (float32 .npy: '
+                        'video_emb.npy, caption_emb_<role>.npy; l2-normalised rows when the metrics are streamed)')
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=5)
-    p.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'])
+    p.add_argument('--amp', default='off', choices=AMP_CHOICES,
+                   help="autocast of the encoders (docs/training.md, 'Mixed precision'): off = fp32 (default); "
+                        'bf16 needs native bf16 (else an error); auto = bf16 where native, fp32 elsewhere; '
+                        'after training, the trainer passes the precision it trained in')
     p.add_argument('--strict', type=runs.bool_flag, default=None,
                    help='0: skip captions whose partner caption is missing; 1: error (default: the training run\'s)')
     p.add_argument('--overwrite', type=int, default=0, help='1: evaluate again even if results exist')
@@ -100,9 +111,7 @@ def checkpoint_path(args):
 def data_cfg_for_test(args, path, train_args):
     """The checkpoint's data config (derived from its stored arguments when it predates `data_cfg`), with
     the command line's overrides."""
-    stored = ckpt.load_checkpoint(path, map_location='meta').get('data_cfg')   # meta: no tensor is read
-    cfg = dict(dp.DATA_DEFAULTS, **stored) if stored else dp.data_config_from_train_args(train_args)
-    cfg['model'] = train_args.get('model', cfg['model'])
+    cfg = dp.checkpoint_data_config(path, train_args)
     for key in DATA_OVERRIDES:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -132,10 +141,21 @@ def build_test_data(args, data_cfg, model, target):
 
 def encode(args, model, data, device, batch_size):
     """(texts, videos, sims): caption and video embeddings; `sims` the float64 [captions, videos] matrices
-    per role, or None when the gallery is streamed (then the embeddings come back l2-normalised, float32)."""
-    autocast = autocast_factory(args.amp, device)
+    per role, or None when the gallery is streamed (then the embeddings come back l2-normalised, float32).
+    Precision: --amp resolved for the device (util/precision.py). Captions: in length buckets when the model
+    pools over valid positions only (less padding, same embeddings), else in the original file-order
+    batches, which padded mean pooling depends on (util/bucketing.py)."""
+    amp, message = resolve_amp(args.amp, device)
+    logger.log(logging.WARNING if args.amp == 'auto' and amp == 'off' else logging.INFO, '%s', message)
+    autocast = autocast_factory(amp, device)
+    start = time.perf_counter()
     videos = evaluation.encode_videos(model, data.video_set, batch_size, device, args.workers, autocast)
-    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, args.workers, autocast)
+    batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
+    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, args.workers, autocast,
+                                    batches=batches)
+    logger.info('encoded %d videos and %d captions x %d streams in %.1f s (%s caption batches of %d)',
+                len(data.videos), len(data.table), len(texts), time.perf_counter() - start,
+                'length-bucketed' if model.cfg.get('masked_pooling', False) else 'file-order', batch_size)
     entries = len(data.table) * len(data.videos)
     if args.save_sims == '1' or (args.save_sims == 'auto' and entries <= SIMS_AUTO_LIMIT):
         return texts, videos, {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
@@ -169,11 +189,17 @@ def score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir):
     return results, '\n\n'.join(report)
 
 
-def write_results(out_dir, ckpt_path, data, sims, results, report):
-    """ids, report and, last (atomically), metrics.json: its presence means the test is complete."""
+def write_results(out_dir, ckpt_path, data, sims, results, report, embeddings=None):
+    """ids, report, the (texts, videos) `embeddings` when given and, last (atomically), metrics.json: its
+    presence means the test is complete."""
     if sims is not None:
         for role, s in sims.items():
             np.save(os.path.join(out_dir, f'sims_{role}.npy'), s.numpy().astype(np.float32))
+    if embeddings is not None:
+        texts, videos = embeddings
+        np.save(os.path.join(out_dir, 'video_emb.npy'), videos.numpy().astype(np.float32))
+        for role, emb in texts.items():
+            np.save(os.path.join(out_dir, f'caption_emb_{role}.npy'), emb.numpy().astype(np.float32))
     with open(os.path.join(out_dir, 'caption_ids.txt'), 'w') as f:
         f.write('\n'.join(data.table.cap_ids) + '\n')
     with open(os.path.join(out_dir, 'video_ids.txt'), 'w') as f:
@@ -212,7 +238,8 @@ def _main(args):
     batch_size = args.eval_batch_size or models.MODELS[data_cfg['model']].RUN_DEFAULTS['test_batch_size']
     texts, videos, sims = encode(args, model, data, device, batch_size)
     results, report = score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir)
-    return write_results(out_dir, path, data, sims, results, report)
+    return write_results(out_dir, path, data, sims, results, report,
+                         embeddings=(texts, videos) if args.save_embeddings else None)
 
 
 if __name__ == '__main__':

@@ -31,14 +31,12 @@ from util import distributed as dist
 from util import image_data
 from util import runs
 from util.data_provider import EvalData  # noqa: F401  (re-exported for scripts that used trainer.EvalData)
-from util.precision import autocast_factory
-from util.training import train_step
+from util import bucketing
+from util.precision import AMP_CHOICES, autocast_factory, resolve_amp
+from util.progress import Progress
+from util.training import NonFiniteWatch, log_values, train_step
 
 logger = logging.getLogger('mlcmr')
-
-# (NRCCR, MLCMR) run defaults, read from the model classes; kept under this name for util/benchmark.py.
-MODEL_DEFAULTS = {k: (models.NRCCR.RUN_DEFAULTS[k], models.MLCMR.RUN_DEFAULTS[k])
-                  for k in models.NRCCR.RUN_DEFAULTS}
 
 STATE_KEYS = ('epoch', 'global_step', 'best_score', 'lr', 'lr_counter', 'no_impr_counter')
 
@@ -151,7 +149,10 @@ def get_args_parser():
     g.add_argument('--early_stop', type=int, default=10,
                    help='stop after more than this many epochs without improvement (10)')
     g.add_argument('--workers', type=int, default=5, help='data-loading processes (5)')
-    g.add_argument('--amp', default='off', choices=['off', 'fp16', 'bf16'], help='mixed precision (off)')
+    g.add_argument('--amp', default='off', choices=AMP_CHOICES,
+                   help="mixed precision (docs/training.md, 'Mixed precision'): off = fp32 (default, the papers' "
+                        'numbers); bf16 where the device has it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or '
+                        'AMX), else an error; auto = bf16 where native, fp32 elsewhere; fp16 with loss scaling')
     g.add_argument('--compile', type=runs.bool_flag, default=False, help='torch.compile the model (0)')
     g.add_argument('--sync_bn', type=runs.bool_flag, default=True,
                    help='under DDP on GPUs, BatchNorm statistics over the global batch (1); CPU: per rank')
@@ -166,6 +167,9 @@ def get_args_parser():
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     g.add_argument('--seed', type=int, default=0, help='random seed (0); CPU runs are repeatable')
     g.add_argument('--log_step', type=int, default=10, help='TensorBoard scalars every N steps (10)')
+    g.add_argument('--log_every', type=int, default=50,
+                   help='when stderr is not a terminal (nohup, sbatch, CI): a progress line every N steps or 60 s, '
+                        'whichever comes first (50); on a terminal a progress bar')
     g.add_argument('--skip_test', type=runs.bool_flag, default=False, help='1: do not test after training')
 
     g = p.add_argument_group('Compatibility (accepted, no effect)',
@@ -331,6 +335,16 @@ def prepare_run_dir(args, info):
     return run
 
 
+def resolve_precision(args, device):
+    """Resolve --amp once for this device (util/precision.py): stores the precision the run computes in as
+    args.amp_resolved (off, fp16 or bf16; in args.json and every checkpoint; outside the run-folder hash,
+    which keeps --amp as given) and returns (logging level, line) for the run's log. An explicit bf16 on a
+    device without native bf16 is a DataError (one line); auto falling back to fp32 is a warning."""
+    args.amp_resolved, message = resolve_amp(args.amp, device)
+    fell_back = args.amp == 'auto' and args.amp_resolved == 'off'
+    return (logging.WARNING if fell_back else logging.INFO), message
+
+
 def seed_and_backends(args, run):
     seed_everything(args.seed)          # identical initial weights on every rank
     if run.device.type == 'cuda':
@@ -385,8 +399,8 @@ def build_model(args, model_cfg, run):
     if args.compile:
         ddp_model = torch.compile(ddp_model, dynamic=True)    # padded lengths vary from batch to batch
     return SimpleNamespace(cfg=model_cfg, model=model, ddp_model=ddp_model, optimizers=optimizers,
-                           scaler=torch.amp.GradScaler(run.device.type, enabled=args.amp == 'fp16'),
-                           autocast=autocast_factory(args.amp, run.device))
+                           scaler=torch.amp.GradScaler(run.device.type, enabled=args.amp_resolved == 'fp16'),
+                           autocast=autocast_factory(args.amp_resolved, run.device))
 
 
 # ============ resume, checkpoint ============
@@ -410,6 +424,9 @@ def resume(args, run, net):
         state['history'] = list(saved['history']) if 'history' in saved else runs.read_history(
             run.directory, state['epoch'])
         state['resumed_from'] = path
+        before = saved['args'].get('amp_resolved', saved['args'].get('amp'))
+        if before != args.amp_resolved:       # e.g. --amp auto resumed on other hardware
+            logger.warning('%s was trained with --amp %s; it continues with %s', path, before, args.amp_resolved)
         ckpt.restore_rng_state(saved['rng'][run.rank] if run.rank < len(saved['rng']) else saved['rng'][0])
         logger.info('resumed from %s at epoch %d (lr %.3g, best %.2f)', path, state['epoch'], state['lr'],
                     state['best_score'])
@@ -437,43 +454,64 @@ def set_lr(optimizer, lr):
 
 
 def embed_split(model, data, batch_size, device, workers, autocast, distributed):
-    """{'primary': sims, 'second': sims}: [captions, videos] float64 similarity matrices on CPU."""
+    """{'primary': sims, 'second': sims}: [captions, videos] float64 similarity matrices on CPU. With masked
+    pooling captions are encoded in length buckets (less padding, same embeddings); with parity pooling in
+    the original file-order batches, whose composition the padded mean depends on (util/bucketing.py)."""
     d = dist if distributed else None
     videos = evaluation.encode_videos(model, data.video_set, batch_size, device, workers, autocast, d)
-    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, workers, autocast, d)
+    batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
+    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, workers, autocast, d, batches=batches)
     return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
 
 
 def train_one_epoch(args, run, net, loader, state, writer):
     """One pass over the training data (util/training.py train_step per batch); returns the epoch's mean logs
-    and samples/s."""
-    from tqdm import tqdm
+    and samples/s (all ranks).
+
+    Progress: a bar on a terminal, otherwise a log line every --log_every steps or 60 s (util/progress.py).
+    The step's logs stay on the device as 0-d tensors, summed there; they are read every --log_step steps
+    (TensorBoard) and at the end of the epoch, so a GPU never waits for the host in between. The non-finite
+    loss check runs every step on a CPU (free there, and before the weights change); on a GPU it is read at
+    the same rhythm and names the first bad step (util/training.py NonFiniteWatch)."""
     main_params = net.model.main_parameters()
     net.model.train()
+    epoch = state['epoch']
+    check_every_step = run.device.type == 'cpu'
+    watch = None if check_every_step else NonFiniteWatch(run.device)
     sums, count, samples, t0 = {}, 0, 0, time.time()
     total = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
-    bar = tqdm(loader, total=total, desc=f'epoch {state["epoch"]}', leave=False, dynamic_ncols=True,
-               disable=None if run.main_process else True)   # None: off when stderr is not a terminal
-    for step, batch in enumerate(bar):
-        if step >= total:
-            break
-        batch = dp.move_to(batch, run.device)
-        try:
-            logs = train_step(net.model, net.ddp_model, batch, net.optimizers, net.scaler, net.autocast,
-                              args.grad_clip, main_params)
-        except FloatingPointError as e:
-            raise FloatingPointError(f'epoch {state["epoch"]} step {step}: {e}') from None
-        state['global_step'] += 1
-        samples += batch['index'].shape[0]
-        count += 1
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f'{logs["loss"]:.3f}')
-        if state['global_step'] % args.log_step == 0:
-            writer.scalars(dict(logs, lr=net.optimizers['main'].param_groups[0]['lr']), state['global_step'],
-                           'train/')
+    with Progress(total, f'epoch {epoch}', unit='samples', every_steps=args.log_every,
+                  enabled=run.main_process) as progress:
+        for step, batch in enumerate(loader):
+            if step >= total:
+                break
+            batch = dp.move_to(batch, run.device)
+            try:
+                logs = train_step(net.model, net.ddp_model, batch, net.optimizers, net.scaler, net.autocast,
+                                  args.grad_clip, main_params, check_finite=check_every_step)
+            except FloatingPointError as e:
+                raise FloatingPointError(f'epoch {epoch} step {step}: {e}') from None
+            if watch is not None:
+                watch.update(step, logs['loss'])
+            state['global_step'] += 1
+            size = batch['index'].shape[0]
+            samples += size
+            count += 1
+            for k, v in logs.items():
+                v = v.double()      # summed in float64, as python floats would be
+                sums[k] = sums[k] + v if k in sums else v
+            progress.update(samples=size * run.world, loss=logs['loss'])
+            if state['global_step'] % args.log_step == 0:
+                if watch is not None:
+                    watch.check(f'epoch {epoch}')
+                if writer.enabled:
+                    writer.scalars(dict(log_values(logs), lr=net.optimizers['main'].param_groups[0]['lr']),
+                                   state['global_step'], 'train/')
+    if watch is not None:
+        watch.check(f'epoch {epoch}')
+    means = {k: v / max(count, 1) for k, v in log_values(sums).items()}
     elapsed = max(time.time() - t0, 1e-9)
-    return {k: v / max(count, 1) for k, v in sums.items()}, samples * run.world / elapsed
+    return means, samples * run.world / elapsed
 
 
 def validate(args, run, data, net):
@@ -571,7 +609,7 @@ def tester_argv(args, run, overwrite):
     """The tester's command line for this run: its checkpoint and its evaluation settings."""
     argv = ['--rootpath', args.rootpath, '--collection', args.collection, '--logger_name', run.directory,
             '--device', str(run.device), '--workers', str(args.workers), '--overwrite', '1' if overwrite else '0',
-            '--amp', args.amp, '--strict', str(int(args.strict)), '--bert_name', args.bert_name]
+            '--amp', args.amp_resolved, '--strict', str(int(args.strict)), '--bert_name', args.bert_name]
     if args.eval_batch_size:
         argv += ['--eval_batch_size', str(args.eval_batch_size)]
     return argv
@@ -603,7 +641,10 @@ def main(argv=None):
 
 def _main(args):
     check_inputs(args)                          # before any folder is made
-    run = prepare_run_dir(args, dist.init_distributed(args.device))
+    info = dist.init_distributed(args.device)
+    level, precision_note = resolve_precision(args, info.device)   # --amp bf16 without native bf16 stops here
+    run = prepare_run_dir(args, info)
+    logger.log(level, '%s', precision_note)
     if run.finished:
         return rerun_finished(args, run)
     seed_and_backends(args, run)

@@ -52,7 +52,8 @@ def main(root, out_dir):
         rows = torch.arange(rank * per_rank, (rank + 1) * per_rank)
         loss, logs = model.training_loss(ddp(slice_batch(global_batch(name), rows)))
         loss.backward()
-        result[name] = {'grads': [p.grad.clone() for p in model.main_parameters()], 'logs': logs}
+        result[name] = {'grads': [p.grad.clone() for p in model.main_parameters()],
+                        'logs': {k: float(v) for k, v in logs.items()}}     # logs are 0-d tensors
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
     dist.cleanup()
 

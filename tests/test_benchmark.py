@@ -24,7 +24,7 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     assert torch.get_num_threads() == threads           # --threads is undone for in-process callers
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
-    assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'encode', 'eval', 'notes',
+    assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'encode', 'eval', 'image', 'search', 'notes',
             'total_s'} <= set(report)
     machine = report['machine']
     assert {'date', 'torch', 'python', 'cpu', 'cpu_count', 'devices'} <= set(machine)
@@ -99,6 +99,19 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
         _positive(row, ['seconds', 'sumr'])
     assert [r.get('target_s') for r in report['eval'][:2]] == [2.0, 2.0]
 
+    # image: cached CLIP features vs a CLIP forward per batch (util/bench_image.py)
+    assert [(r['what'], r['path'], r['device']) for r in report['image']] == [
+        ('image_train', 'cached_features', 'cpu'), ('image_train', 'clip_per_step', 'cpu')]
+    for row in report['image']:
+        _positive(row, ['median_step_s', 'samples_per_s'])
+    # search: indexing and the exact search at each quick gallery size (FAISS rows only where installed)
+    names = [r['name'] for r in report['search']]
+    first_gallery = benchmark.bench_search.QUICK['galleries'][0]
+    assert names[0] == 'index_videos_per_s' and f'search_exact_{first_gallery}' in names
+    for row in report['search']:
+        assert row['device'] == 'cpu'
+        _positive(row, ['value'])
+
 
 def test_only_runs_the_named_sections_and_budget_skips_with_a_note(tmp_path):
     out = tmp_path / 'eval.json'
@@ -110,12 +123,31 @@ def test_only_runs_the_named_sections_and_budget_skips_with_a_note(tmp_path):
 
 
 @pytest.mark.parametrize('argv', [['--only', 'data,speed'], ['--only', ','], ['--device', 'tpu'], ['--threads', '0'],
-                                  ['--amps', 'fp8'], ['--amps', ',']])
+                                  ['--amps', 'fp8'], ['--amps', ','], ['--search_index', 'annoy']])
 def test_bad_arguments_are_refused(argv, tmp_path, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(['--quick', '--out', str(tmp_path / 'x.json'), *argv])
     assert '--' in capsys.readouterr().err
     assert not (tmp_path / 'x.json').exists()
+
+
+def test_the_benchmark_steps_as_the_trainer_does(tmp_path):
+    """The benchmark's optimiser settings are the trainer's defaults, and its step is the trainer's
+    (util/training.py train_step: the NRCCR discriminator moves too)."""
+    import trainer
+    parser = trainer.get_args_parser()
+    assert (benchmark.LEARNING_RATE, benchmark.DISC_LEARNING_RATE, benchmark.GRAD_CLIP) == tuple(
+        parser.get_default(k) for k in ('learning_rate', 'glr', 'grad_clip'))
+    from util import training
+    assert benchmark.train_step is training.train_step
+    data = benchmark.Synthetic(str(tmp_path), dict(benchmark.QUICK, videos=6, frames=(3, 5), captions_per_video=2))
+    setup = benchmark.TrainSetup('nrccr', 'toy', data.store.dim, benchmark.QUICK['model_overrides']['nrccr'],
+                                 torch.device('cpu'), 'off')
+    before = [p.detach().clone() for p in setup.model.discriminator.parameters()]
+    logs = setup.step(data.batch('nrccr', 4, seed=0))
+    assert {'loss', 'loss_disc', 'real_acc'} <= set(logs)
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+    assert not all(torch.equal(a, b) for a, b in zip(before, setup.model.discriminator.parameters()))
 
 
 def test_trainable_layers_scale_the_reference_policy():

@@ -1,8 +1,6 @@
 """util/bucketing.py: length-bucketed caption batches cover every caption once, cut padding, and — with
 masked pooling — give the same embeddings as the file-order batches (with parity pooling they would not,
 which is why parity keeps file order)."""
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -48,18 +46,6 @@ def test_caption_batches_choose_by_pooling_and_padding_drops():
     assert bucketing.padding_fraction(t, bucketed) == pytest.approx(1 - 244 / 284)
 
 
-@contextlib.contextmanager
-def encode_batches(make):
-    """evaluation._encode with the batches of `make(n, batch_size, rank, world)` (the next phase gives
-    _encode a batch parameter; until then the tests swap its batch builder)."""
-    real = evaluation._shard_batches
-    evaluation._shard_batches = make
-    try:
-        yield
-    finally:
-        evaluation._shard_batches = real
-
-
 @pytest.mark.parametrize('name', ['nrccr', 'mlcmr'])
 def test_masked_pooling_embeddings_equal_bucketed_and_file_order(toy_root, name):
     rng = np.random.default_rng(1)
@@ -70,8 +56,9 @@ def test_masked_pooling_embeddings_equal_bucketed_and_file_order(toy_root, name)
         torch.manual_seed(0)
         model = models.build_model(small_cfg(toy_root, name, masked_pooling=masked))
         file_order = evaluation.encode_texts(model, dataset, 4, torch.device('cpu'))
-        with encode_batches(lambda n, bs, rank, world: bucketing.caption_batches(t, bs, True, rank, world)):
-            bucketed = evaluation.encode_texts(model, dataset, 4, torch.device('cpu'))
+        batches = bucketing.caption_batches(t, 4, masked_pooling=True)
+        assert batches != bucketing.file_order_batches(len(t), 4)        # the order really differs
+        bucketed = evaluation.encode_texts(model, dataset, 4, torch.device('cpu'), batches=batches)
         embeddings[masked] = file_order, bucketed
     file_order, bucketed = embeddings[True]
     assert set(bucketed) == {'primary', 'second'}
@@ -81,3 +68,49 @@ def test_masked_pooling_embeddings_equal_bucketed_and_file_order(toy_root, name)
     # parity pooling averages the padding in: the same bucketing would change its embeddings
     file_order, bucketed = embeddings[False]
     assert not torch.allclose(bucketed['primary'], file_order['primary'], atol=1e-3)
+
+
+
+class FakeDist:
+    """The dist interface _encode uses, rank `rank` of 2: all_gather_object keeps what this rank sends and
+    returns it beside `peer`, the other rank's part."""
+
+    def __init__(self, rank, peer):
+        self.rank, self.peer, self.sent = rank, peer, None
+
+    def get_rank(self):
+        return self.rank
+
+    def get_world_size(self):
+        return 2
+
+    def all_gather_object(self, obj):
+        self.sent = obj
+        return [obj, self.peer] if self.rank == 0 else [self.peer, obj]
+
+
+def test_encode_deals_the_given_batches_to_the_ranks_and_returns_dataset_order():
+    """A stand-in model whose embedding is the caption's first word piece: each of 2 ranks encodes every
+    other given batch, and the gathered result is in dataset order whatever the batches' order."""
+    t = table({'primary': [5, 9, 3, 9, 7, 4, 8]})
+    dataset = dp.TextDataset(t)
+    seen = []
+
+    class FirstToken(torch.nn.Module):
+        def embed_texts(self, text):
+            seen.append(text['primary']['ids'].shape[0])
+            return {r: s['ids'][:, 1:2].float() for r, s in text.items()}
+    model, cpu = FirstToken(), torch.device('cpu')
+    first = torch.tensor([[float(ids[1])] for ids in t.tokens['primary']])
+    batches = bucketing.caption_batches(t, 2, masked_pooling=True)
+    assert batches == [[1, 3], [6, 4], [0, 5], [2]]
+    assert torch.equal(evaluation.encode_texts(model, dataset, 2, cpu, batches=batches)['primary'], first)
+    assert seen == [2, 2, 2, 1]
+
+    seen.clear()
+    rank1 = FakeDist(1, peer=([], []))
+    evaluation.encode_texts(model, dataset, 2, cpu, dist=rank1, batches=batches)
+    assert seen == [2, 1] and torch.cat(rank1.sent[0]).tolist() == [6, 4, 2]      # batches 1 and 3
+    seen.clear()
+    gathered = evaluation.encode_texts(model, dataset, 2, cpu, dist=FakeDist(0, peer=rank1.sent), batches=batches)
+    assert seen == [2, 2] and torch.equal(gathered['primary'], first)

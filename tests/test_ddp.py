@@ -109,7 +109,7 @@ def gradient_worker(rank, world, port, root, out_path):
     loss, logs = model.training_loss(ddp(slice_batch(batch, half)))
     loss.backward()
     if rank == 0:
-        torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': logs['loss']}, out_path)
+        torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': float(logs['loss'])}, out_path)
     tdist.destroy_process_group()
 
 
@@ -124,6 +124,6 @@ def test_global_batch_gradient_equals_single_process(toy_root, tmp_path):
     loss, logs = model.training_loss(model(mlcmr_batch(8)))
     loss.backward()
     ddp = torch.load(out, weights_only=True)
-    assert ddp['loss'] == pytest.approx(logs['loss'], rel=1e-5)
+    assert ddp['loss'] == pytest.approx(float(logs['loss']), rel=1e-5)
     for p, g in zip(model.main_parameters(), ddp['grads']):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)

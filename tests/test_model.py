@@ -201,7 +201,7 @@ def test_mlcmr_loss_terms(toy_root):
     torch.manual_seed(0)
     model = models.build_model(small_cfg(toy_root, 'mlcmr'))
     loss, logs = model.training_loss(model(mlcmr_batch()))
-    expected = sum(logs[k] for k in ('nce_video', 'tri_en', 'nce_en', 'tri_zh', 'nce_zh'))
+    expected = float(sum(logs[k] for k in ('nce_video', 'tri_en', 'nce_en', 'tri_zh', 'nce_zh')))
     assert loss.item() == pytest.approx(expected, rel=1e-5) and logs['loss'] == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.video_encoder.parameters())

@@ -13,9 +13,16 @@ weights built from a config.
 
 Rows (name, value, unit, note):
   index_videos_per_s     gallery encoding throughput
-  search_<index>_<N>     the search step alone (scores + top-10 for exact; index.search for FAISS), median and p95
+  query_tokenise         one query: tokenise and collate (median)
+  query_bert             one query: the BERT forward alone
+  query_text_encoder     one query: the whole text side (BERT, attention, pooling, mapping: embed_texts)
+  search_<index>_<N>     the search step alone on an encoded query (Searcher.rank: normalise, score, top-10;
+                         'exact' is the searcher's default for that size: dense float64 up to 2^22 videos x
+                         dims, else the two-stage bfloat16 pre-filter + float64 re-scoring; FAISS index.search)
   query_<index>_<N>      end to end: tokenise + encode + search, median and p95
 Targets (docs/search.md): 100k exact search step < 20 ms; end-to-end query < 100 ms with the bert-base encoder.
+--amp bf16 times the text side under bfloat16 autocast (scores change slightly; off by default);
+--prefilter float16 times the float16 pre-filter (faster for one query at a time on CPU, slow for batches).
 """
 import argparse
 import os
@@ -33,13 +40,14 @@ import model as models                                      # noqa: E402
 from basic.bigfile import BigFileWriter                     # noqa: E402
 from util import data_provider as dp                        # noqa: E402
 from util.make_toy_data import build_vocab                  # noqa: E402
+from util.precision import autocast_factory                 # noqa: E402
 from util.searcher import Searcher                          # noqa: E402
 
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 FULL = dict(galleries=(10_000, 100_000), dim=1536, bert=BERT_BASE, queries=(3, 30), index_videos=256,
             frames=(40, 80), feat_dim=1024, model={}, k=10)
-QUICK = dict(galleries=(1_000, 5_000), dim=48, bert=TINY_BERT, queries=(1, 5), index_videos=16,
+QUICK = dict(galleries=(1_000, 100_000), dim=48, bert=TINY_BERT, queries=(1, 5), index_videos=16,
              frames=(4, 8), feat_dim=32, model=dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
                                                      visual_num_attention=4), k=10)
 SEARCH_TARGET_MS, QUERY_TARGET_MS = 20.0, 100.0
@@ -89,41 +97,64 @@ def random_queries(vocab, n, seed=0):
     return [' '.join(rng.choice(words, size=int(rng.integers(8, 17)))) for _ in range(n)]
 
 
-def bench_gallery(model, tokenizer, vocab, n, sizes, device, index):
-    """(search step seconds, end-to-end seconds) per query for a gallery of n random unit embeddings."""
+def _timed(fn, warm, runs, device):
+    times = []
+    for i in range(warm + runs):
+        start = time.perf_counter()
+        fn(i)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        if i >= warm:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_text(model, tokenizer, vocab, sizes, device, amp='off'):
+    """{part: seconds per query} of one query's text side: tokenise, BERT alone, the whole embed_texts."""
+    autocast = autocast_factory(amp, device)
+    warm, runs = sizes['queries']
+    queries = random_queries(vocab, warm + runs, seed=1)
+    streams = [dp.move_to(dp.collate_ids(dp.tokenize(tokenizer, [q])), device) for q in queries]
+
+    def tokenise(i):
+        dp.move_to(dp.collate_ids(dp.tokenize(tokenizer, [queries[i]])), device)
+
+    @torch.inference_mode()
+    def bert(i):
+        with autocast():
+            model.text_encoder.bert(input_ids=streams[i]['ids'], attention_mask=streams[i]['mask'].long())
+
+    @torch.inference_mode()
+    def encoder(i):
+        with autocast():
+            model.embed_texts({'query': streams[i]})
+    return {name: _timed(fn, warm, runs, device)
+            for name, fn in (('tokenise', tokenise), ('bert', bert), ('text_encoder', encoder))}
+
+
+def bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp='off', prefilter='auto'):
+    """(search step seconds, end-to-end seconds, searcher) per query for a gallery of n random embeddings."""
     gen = torch.Generator().manual_seed(n)
     emb = torch.randn(n, sizes['dim'], generator=gen)
-    searcher = Searcher(model, tokenizer, [f'v{i}' for i in range(n)], emb, device=device, index=index)
+    searcher = Searcher(model, tokenizer, [f'v{i}' for i in range(n)], emb, device=device, index=index, amp=amp,
+                        prefilter=prefilter)
     del emb
     warm, runs = sizes['queries']
     queries = random_queries(vocab, warm + runs)
-    q_emb = evaluation.l2_normalize(searcher.encode(queries))
+    q_emb = searcher.encode(queries)
+    candidates = []
 
     def step(i):                  # the search step alone, on an already encoded query
-        if searcher.faiss is not None:
-            searcher.faiss.search(q_emb[i:i + 1].numpy(), sizes['k'])
-        else:
-            from util.searcher import topk_stable
-            topk_stable(q_emb[i:i + 1].to(searcher.device) @ searcher.video_emb.T, sizes['k'])
+        searcher.rank(q_emb[i:i + 1], sizes['k'])
+        candidates.extend(searcher.last_candidates)
 
     def end_to_end(i):
         searcher.search([queries[i]], k=sizes['k'])
 
-    out = []
-    for fn in (step, end_to_end):
-        times = []
-        for i in range(warm + runs):
-            start = time.perf_counter()
-            fn(i)
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            if i >= warm:
-                times.append(time.perf_counter() - start)
-        out.append(times)
-    return out
+    return _timed(step, warm, runs, device), _timed(end_to_end, warm, runs, device), searcher, candidates
 
 
-def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, log=print):
+def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp='off', prefilter='auto', log=print):
     """Rows [(name, value, unit, note)] of the search benchmark; also printed through `log`."""
     sizes = QUICK if quick else FULL
     device = torch.device(device)
@@ -139,6 +170,11 @@ def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, log
                      f'NRCCR video side, {sizes["feat_dim"]}-d frames, {sizes["frames"][0]}-{sizes["frames"][1]} '
                      f'per video, batch 64'))
         log(f'{rows[-1][0]:<24} {vps:10.1f} {rows[-1][2]:<9} {rows[-1][3]}')
+        bert = 'bert-base' if sizes['bert'] is BERT_BASE else 'tiny BERT'
+        for part, times in bench_text(model, tokenizer, vocab, sizes, device, amp).items():
+            med, p95 = _percentiles(times)
+            rows.append((f'query_{part}', med, 'ms median', f'p95 {p95:.2f} ms, {bert}, amp {amp}'))
+            log(f'{rows[-1][0]:<24} {med:10.2f} {rows[-1][2]:<9} {rows[-1][3]}')
         for index in indexes:
             if index == 'faiss':
                 try:
@@ -147,10 +183,15 @@ def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, log
                     log('faiss: not installed (pip install faiss-cpu), skipped')
                     continue
             for n in sizes['galleries']:
-                step, e2e = bench_gallery(model, tokenizer, vocab, n, sizes, device, index)
+                step, e2e, searcher, cands = bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp,
+                                                           prefilter)
+                how = (f'FAISS {searcher.faiss.__class__.__name__}' if searcher.faiss is not None else
+                       f'{searcher.scoring}' + (f' {str(searcher.low.dtype)[6:]}, median {int(np.median(cands))} '
+                                                'candidates' if searcher.low is not None else ' float64'))
+                del searcher
                 for kind, times, target in (('search', step, SEARCH_TARGET_MS), ('query', e2e, QUERY_TARGET_MS)):
                     med, p95 = _percentiles(times)
-                    note = f'p95 {p95:.2f} ms, {len(times)} queries, dim {sizes["dim"]}'
+                    note = f'p95 {p95:.2f} ms, {len(times)} queries, dim {sizes["dim"]}, {how}'
                     if not quick and (kind == 'query' or index == 'exact') and n == max(sizes['galleries']):
                         note += f', target < {target:g} ms'
                     rows.append((f'{kind}_{index}_{n}', med, 'ms median', note))
@@ -164,8 +205,12 @@ def main(argv=None):
     p.add_argument('--device', default='cpu')
     p.add_argument('--index', default='exact,faiss', help='comma-separated: exact, faiss')
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
+    p.add_argument('--amp', default='off', choices=['off', 'bf16', 'fp16'],
+                   help='autocast for the text side (default off: the tester\'s embeddings)')
+    p.add_argument('--prefilter', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help='two-stage pre-filter type (auto: bfloat16 on CPU, float32 on CUDA)')
     args = p.parse_args(argv)
-    return run(args.quick, args.device, tuple(args.index.split(',')), args.threads)
+    return run(args.quick, args.device, tuple(args.index.split(',')), args.threads, args.amp, args.prefilter)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,8 @@ with random weights built from a config dict. Sections:
   data   BigFile.read of 64 random frame ids (rows/s); TrainDataset + collate of one batch of 128 on one thread
          (median ms; target < 50 ms); DataLoader samples/s with 0 and 2 workers. The features were just written,
          so the page cache is warm: these are memory speeds, not disk speeds.
-  train  samples/s of the trainer's step (to device -> forward -> training_loss -> backward -> clip -> step),
+  train  samples/s of the trainer's step, util/training.py train_step (to device -> forward -> the NRCCR
+         discriminator step -> training_loss -> backward -> clip -> step),
          median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder,
          in each precision of --amps (auto: fp32, plus bf16 where the device has it natively), side by side.
          CPU: batch 16; CUDA: the papers' batches (NRCCR 128, MLCMR 64), peak memory. MFU: the FLOPs of the
@@ -27,6 +28,10 @@ with random weights built from a config dict. Sections:
          share, FLOPs per caption and MFU; then encode_videos of the synthetic collection, FLOPs per video.
   eval   util.bench_metrics.run against gallery size; 15,000 x 1,500 also on one thread (target < 2 s). A size
          predicted (from the previous one, work ~ captions x videos) to exceed --eval_budget is skipped and noted.
+  image  util/bench_image.py: samples/s of the NRCCR image training step with cached CLIP features vs a CLIP
+         forward per batch (ViT-B/32 and a bert-base-sized encoder; --quick: tiny ones), per device.
+  search util/bench_search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
+         10k and 100k videos (--quick: tiny), per device.
   --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
          the top ops by self time, printed and stored.
 """
@@ -48,16 +53,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluation                                            # noqa: E402
 import model as models                                       # noqa: E402
-import trainer                                               # noqa: E402
 from basic.bigfile import BigFileWriter                      # noqa: E402
+from util import bench_image                                 # noqa: E402
 from util import bench_metrics                               # noqa: E402
+from util import bench_search                                # noqa: E402
 from util import bucketing                                   # noqa: E402
 from util import data_provider as dp                         # noqa: E402
 from util import precision                                   # noqa: E402
 from util.make_toy_data import build_vocab                   # noqa: E402
+from util.training import train_step                         # noqa: E402
 from util.runs import git_state                              # noqa: E402
 
-SECTIONS = ('data', 'train', 'encode', 'eval')
+SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search')
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
 MBERT_VOCAB = 119547
 NRCCR_ROLES, MLCMR_ROLES = ('src', 'tr', 'bt'), ('en', 'zh')
@@ -378,7 +385,7 @@ def bench_train(data, sizes, device, amp, peaks, notes):
     warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
     rows = []
     for name in ('nrccr', 'mlcmr'):
-        batch_size = (trainer.MODEL_DEFAULTS['batch_size'][name == 'mlcmr'] if device.type == 'cuda'
+        batch_size = (models.MODELS[name].RUN_DEFAULTS['batch_size'] if device.type == 'cuda'
                       else sizes['cpu_train_batch'])
         # a few distinct batches (padded lengths differ), cycled over the steps
         batches = [data.batch(name, batch_size, seed=100 + i) for i in range(min(warmup + steps, 4))]
@@ -405,39 +412,28 @@ def bench_train(data, sizes, device, amp, peaks, notes):
     return rows
 
 
+# The trainer's defaults (docs/training.md, 'Schedule' and 'Hyperparameters'): --learning_rate, --glr,
+# --grad_clip (tests/test_benchmark.py checks they still match).
+LEARNING_RATE, DISC_LEARNING_RATE, GRAD_CLIP = 1e-4, 1e-3, 2.0
+
+
 class TrainSetup:
-    """A model and what its training step needs, built as trainer.py builds them."""
+    """A model and what its training step needs, built as trainer.py builds them; `step` is the trainer's
+    step (util/training.py train_step: forward, the NRCCR discriminator step, loss, backward, clip, step),
+    with the trainer's non-finite check (per step on a CPU, none inside the step on a GPU)."""
 
     def __init__(self, name, encoder, dim, overrides, device, amp):
-        defaults = trainer.get_args_parser()
-        lr, glr, self.clip = (defaults.get_default(k) for k in ('learning_rate', 'glr', 'grad_clip'))
         torch.manual_seed(0)
         self.model = build(name, encoder, dim, **overrides).to(device).train()
-        self.optimizers = self.model.configure_optimizers(lr, glr)
+        self.optimizers = self.model.configure_optimizers(LEARNING_RATE, DISC_LEARNING_RATE)
         self.main_params = self.model.main_parameters()
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
         self.autocast = precision.autocast_factory(amp, device)
         self.device = device
 
     def step(self, batch):
-        _train_step(self.model, self.model, dp.move_to(batch, self.device), self.optimizers, self.scaler,
-                    self.autocast, self.main_params, self.clip)
-
-
-def _train_step(model, ddp_model, batch, optimizers, scaler, autocast, main_params, clip):
-    """ONE training step as trainer.train_one_epoch runs it: forward -> training_loss (NRCCR: with its
-    discriminator step) -> zero_grad -> scaled backward -> unscale -> clip -> step -> scaler update.
-    The trainer also checks the loss is finite (one host sync), which is left out here.
-    SWITCH POINT: when the shared step lands in util/training.py, this body becomes one call to it."""
-    with autocast():
-        outputs = ddp_model(batch)
-        loss, _ = model.training_loss(outputs)
-    optimizers['main'].zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizers['main'])
-    torch.nn.utils.clip_grad_norm_(main_params, clip)
-    scaler.step(optimizers['main'])
-    scaler.update()
+        return train_step(self.model, self.model, dp.move_to(batch, self.device), self.optimizers, self.scaler,
+                          self.autocast, GRAD_CLIP, self.main_params)
 
 
 def _train_row(name, encoder, dim, overrides, batches, device, amp, warmup, steps):
@@ -472,7 +468,7 @@ def bench_profile(data, sizes, device, amp, row_limit):
     rows = []
     encoder = sizes['profile_encoder']
     for name in ('nrccr', 'mlcmr'):
-        batch_size = (trainer.MODEL_DEFAULTS['batch_size'][name == 'mlcmr'] if device.type == 'cuda'
+        batch_size = (models.MODELS[name].RUN_DEFAULTS['batch_size'] if device.type == 'cuda'
                       else sizes['cpu_train_batch'])
         batch = data.batch(name, batch_size, seed=100)
         setup = TrainSetup(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), device, amp)
@@ -496,19 +492,6 @@ def bench_profile(data, sizes, device, amp, row_limit):
 
 
 # ============ evaluation encoding ============
-
-@contextlib.contextmanager
-def encode_batches(batches):
-    """evaluation's encode loop over `batches` (lists of dataset indices) instead of its file-order ones.
-    Until evaluation._encode takes the batches as an argument (see util/bucketing.py), they are swapped in
-    here; the loop itself, and its return in dataset order, are evaluation's own."""
-    real = evaluation._shard_batches
-    evaluation._shard_batches = lambda n, batch_size, rank, world: batches
-    try:
-        yield
-    finally:
-        evaluation._shard_batches = real
-
 
 class EncodeFlops:
     """FLOPs of one encoder call on a batch of a given shape, counted once per shape (they depend on the
@@ -564,7 +547,7 @@ def bench_encode(data, sizes, device, amp, peaks):
     table = paired_caption_table(sizes['encode_captions'], min(e['vocab_size'] for e in ENCODERS.values()))
     texts = dp.TextDataset(table)
     for name in ('nrccr', 'mlcmr'):
-        batch_size = trainer.MODEL_DEFAULTS['test_batch_size'][name == 'mlcmr']
+        batch_size = models.MODELS[name].RUN_DEFAULTS['test_batch_size']
         encoder = sizes['encode_encoder']
         torch.manual_seed(0)
         model = build(name, encoder, data.store.dim, masked_pooling=True,
@@ -577,9 +560,8 @@ def bench_encode(data, sizes, device, amp, peaks):
                        else bucketing.caption_batches(table, batch_size, masked_pooling=True))
             total_flops = sum(flops.text(len(b), max(len(toks[i]) for i in b))
                               for toks in table.tokens.values() for b in batches)
-            with encode_batches(batches):
-                emb, seconds = _timed(lambda: evaluation.encode_texts(model, texts, batch_size, device,
-                                                                      autocast=autocast), device)
+            emb, seconds = _timed(lambda: evaluation.encode_texts(model, texts, batch_size, device,
+                                                                  autocast=autocast, batches=batches), device)
             row = dict(what='encode_texts', model=name, encoder=encoder, device=str(device), amp=amp, order=order,
                        captions=len(table), streams=len(table.tokens), batch=batch_size, seconds=seconds,
                        captions_per_s=len(table) / seconds,
@@ -658,6 +640,20 @@ def _print_eval(r):
           f' {r["seconds"]:8.3f} s{target}{extra}', flush=True)
 
 
+# ============ image, search ============
+
+def bench_search_rows(devices, quick, indexes):
+    """util/bench_search.py rows of each device as dicts {device, name, value, unit, note}."""
+    rows = []
+    indexes = tuple(i.strip() for i in indexes.split(',') if i.strip())
+    for device in devices:
+        with num_threads(torch.get_num_threads()):       # bench_search may set threads; undone here
+            found = bench_search.run(quick=quick, device=device, indexes=indexes,
+                                     log=lambda line: print(f'  {line}', flush=True))
+        rows += [dict(device=str(device), name=n, value=v, unit=u, note=note) for n, v, u, note in found]
+    return rows
+
+
 # ============ main ============
 
 def get_args_parser():
@@ -674,6 +670,8 @@ def get_args_parser():
     p.add_argument('--profile', action='store_true',
                    help='also profile one training step of each model (torch.profiler) and print the top ops')
     p.add_argument('--profile_rows', type=int, default=25, help='ops shown per profile table (default 25)')
+    p.add_argument('--search_index', default='exact,faiss',
+                   help='indexes of the search section (default exact,faiss; faiss is skipped when not installed)')
     p.add_argument('--eval_budget', type=float, default=180.0,
                    help='skip a metrics size predicted to take longer than this many seconds (default 180)')
     return p
@@ -700,6 +698,8 @@ def main(argv=None):
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
         parser.error(f'--only {args.only}: expected a comma-separated subset of {",".join(SECTIONS)}')
+    if set(i.strip() for i in args.search_index.split(',')) - {'exact', 'faiss'}:
+        parser.error(f'--search_index {args.search_index}: expected a comma-separated subset of exact,faiss')
     if args.threads is not None and args.threads < 1:
         parser.error(f'--threads {args.threads}: expected a positive number of threads')
     if args.amps != 'auto' and (not train_amps(None, args.amps)
@@ -758,6 +758,12 @@ def main(argv=None):
                 report['eval'] = []
                 for device in devices:
                     report['eval'] += bench_eval(sizes, device, args.eval_budget, notes)
+            if 'image' in sections:
+                print('image', flush=True)
+                report['image'] = [r for device in devices for r in bench_image.bench_image(device, args.quick)]
+            if 'search' in sections:
+                print('search', flush=True)
+                report['search'] = bench_search_rows(devices, args.quick, args.search_index)
         report['notes'] = notes
         report['total_s'] = time.perf_counter() - start
     with open(args.out, 'w') as f:

@@ -27,6 +27,7 @@ from basic.bigfile import BigFile
 from basic.captions import clean_english, pair_captions, read_captions, video_order
 from basic.errors import DataError
 from basic.video2frames import load_video2frames
+from util import checkpoint as ckpt
 from util import image_data
 from util.batching import collate, collate_ids, collate_video, move_to  # noqa: F401  (re-exported)
 
@@ -329,6 +330,16 @@ def data_config_from_train_args(train_args):
     if cfg['img_encoder'] == 'clip' and cfg['collection']:
         cfg['visual_feature'] = image_data.default_feature(cfg['collection'], 'clip')
     return dict(DATA_DEFAULTS, **cfg)
+
+
+def checkpoint_data_config(path, train_args):
+    """The data config a checkpoint was trained with: its stored `data_cfg` over DATA_DEFAULTS, or, for a
+    checkpoint that predates it, derived from its stored arguments (`train_args`, as model.load_model returns
+    them); `model` always from those arguments. The tester and util/searcher.py apply their overrides to it."""
+    stored = ckpt.load_checkpoint(path, map_location='meta').get('data_cfg')   # meta: no tensor is read
+    cfg = dict(DATA_DEFAULTS, **stored) if stored else data_config_from_train_args(train_args)
+    cfg['model'] = train_args.get('model', cfg['model'])
+    return cfg
 
 
 def is_image(data_cfg):

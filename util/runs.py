@@ -23,10 +23,11 @@ COMPAT_ARGS = frozenset({'collectionStrt', 'text_layer', 'text_pooling', 'video_
                          'momentum', 'optim', 'measure', 'text_norm', 'visual_norm', 'gru_pool', 'val_metric',
                          'img_encoder_name', 'img_encoder_input_dim', 'img_path'})
 # Flags that change where and how a run executes, not what it computes.
-RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'skip_test',
-                           'compile', 'postfix', 'cv_name', 'strict'})
-# Both stay out of the configuration hash; values the trainer derives (val_batch_size) follow their flag.
-NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size'}
+RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume', 'log_step', 'log_every',
+                           'skip_test', 'compile', 'postfix', 'cv_name', 'strict'})
+# Both stay out of the configuration hash; values the trainer derives (val_batch_size, amp_resolved) follow
+# their flag.
+NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size', 'amp_resolved'}
 # Flags of image runs: in the hash of image runs only, so a video run keeps the folder it had before images.
 IMAGE_ONLY_ARGS = frozenset({'model_type', 'img_encoder', 'task', 'clean_eval'})
 

@@ -22,30 +22,47 @@ English streams are; 'auto' cleans queries made only of ASCII characters and lea
 optional English text per query (`second`, e.g. the query's machine translation) is always cleaned, as the
 tester's English stream is.
 
-Scores. Cosine similarity: l2-normalised query embeddings times l2-normalised video embeddings (exactly
-`evaluation.similarity`). With `second`, the two matrices are fused as the tester fuses its English stream
+Scores. Cosine similarity in float64: l2-normalised query embeddings times l2-normalised video embeddings,
+both normalised in float64 from the float32 embeddings (exactly `evaluation.similarity`, whose matrices the
+tester's metrics rank). With `second`, the two matrices are fused as the tester fuses its English stream
 (role 'primary') with the other language (role 'second'): NRCCR `evaluation.fuse(S_english, S_query, w)`, i.e.
 min-max normalised over the whole [queries x videos] matrix of the call; MLCMR `w * S_english + (1 - w) *
 S_query`. `w` is the weight on the English text: NRCCR default `sim_ratio` (0.2, its validation setting), MLCMR
 the tester's (0.45 for target zh, 0.55 for target en; 0.15 / 0.85 for parallel human_label).
 Ranking: descending score, ties by gallery order (as the tester's metrics break them).
 
-When search equals the tester. For the same checkpoint, device, gallery (`split=` the tester's split) and batch
-size, and queries = the split's captions in file order passed in one call, the score matrices are bit-identical
-to the tester's `sims_second.npy` (the target-language captions as queries), `sims_primary.npy` (the English
-captions as queries, clean='en') and `sims_<label>.npy` (queries + second, w = that label's weight), so the
-rankings are the same (tests/test_search.py checks this). The batch size matters because the parity defaults pool
-text (and NRCCR video) features over padded positions: an embedding depends on the longest item of its batch.
-A query searched alone is its own batch (no padding), and NRCCR's fused ranking of a query also depends on the
-other queries of the call through the min-max ranges. Calls with more than `block` queries x videos are split
-into blocks of queries (the fusion ranges still cover the whole call); a matrix product of another shape may
-round differently, so bit-equality is promised for one block only.
+Exact search (`scoring`). 'dense': a float64 copy of the unit gallery and the float64 [queries x videos]
+product, the tester's arithmetic. 'two-stage': a low-precision copy of the unit gallery (bfloat16 on CPU)
+scores every video, a rigorous bound on the low-precision error keeps every video that can still be in the
+top k, and only those are re-scored in float64 (LowPrecisionGallery has the derivation and the proof): the
+same top-k, reading 2 bytes per gallery entry per query instead of 8. 'auto' (default): dense for a `split`
+gallery and up to DENSE_LIMIT videos x dims, two-stage above. Both return the float64 scores.
 
-Index. 'exact' (default): the matrix product above on `device`. 'faiss': a FAISS inner-product index (faiss-cpu or
-faiss-gpu, optional) over the normalised video embeddings, built once and cached beside the gallery; the factory
-'Flat' is exact, others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate and scale to millions of videos. With a
-second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with the min-max ranges
-taken over the candidates (an approximation of the full-matrix ranges).
+When search equals the tester. For the same checkpoint, device, gallery (`split=` the tester's split) and
+batch size, and queries = the split's captions in file order passed in one call, the float64 score matrices
+are bit-identical to the ones the tester's metrics rank, which it saves as float32 in `sims_second.npy` (the
+target-language captions as queries), `sims_primary.npy` (the English captions as queries, clean='en') and
+`sims_<label>.npy` (queries + second, w = that label's weight); `tester.py --save_embeddings 1` saves the
+embeddings they are built from. So the rankings are the same (tests/test_search.py checks this). The
+two-stage path scores each video with a row-wise float64 product, which may differ from the tester's matrix
+product in the last bit (about 1e-16): its ranking agrees except between videos whose float64 scores differ
+by that much. The batch size matters because the parity defaults pool text (and NRCCR video) features over
+padded positions: an embedding depends on the longest item of its batch. A query searched alone is its own
+batch (no padding), and NRCCR's fused ranking of a query also depends on the other queries of the call
+through the min-max ranges. Calls with more than `block` queries x videos are split into blocks of queries
+(the fusion ranges still cover the whole call); a matrix product of another shape may round differently, so
+bit-equality is promised for one block only.
+
+Index. 'exact' (default): the dense or two-stage search above on `device`. 'faiss': a FAISS inner-product
+index (faiss-cpu or faiss-gpu, optional) over the float32 normalised video embeddings, built once and cached
+beside the gallery; the factory 'Flat' is exact in float32 (scores and near-ties may differ from the float64
+ones in the 7th digit), others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate and scale to millions of
+videos. With a second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with
+the min-max ranges taken over the candidates (an approximation of the full-matrix ranges).
+
+Speed (util/bench_search.py, docs/search.md 'Large galleries'): `encode` runs under torch.inference_mode in
+one batch per call; `amp` ('bf16' / 'fp16') autocasts the text encoder only when asked (scores change
+slightly; the gallery is always encoded in float32).
 """
 import hashlib
 import json
@@ -62,13 +79,15 @@ from basic import paths
 from basic.captions import clean_english
 from basic.errors import DataError
 from util import data_provider as dp
+from util.precision import autocast_factory
 
 logger = logging.getLogger(__name__)
 
 CACHE_DIR_NAME = 'search_cache'
 CHECKPOINT_NAME = 'model_best.pth.tar'
 CLEAN_RULES = ('raw', 'en', 'auto')
-BLOCK = 1 << 25           # queries x videos per score block (128 MiB in float32)
+BLOCK = 1 << 25           # queries x videos per score block (256 MiB in float64)
+SCORING = ('auto', 'dense', 'two-stage')
 
 
 # ============ results ============
@@ -123,21 +142,11 @@ def prepare_text(text, rule):
     return text
 
 
-def _eval_opts(train_args, rootpath, collection):
-    """The options dp.eval_table reads, as the tester derives them from a checkpoint."""
-    import argparse
-    return argparse.Namespace(
-        model=train_args['model'], rootpath=rootpath, collection=collection, strict=False,
-        data_type=train_args.get('data_type') or 'google_enc2zh', train_mode=train_args.get('train_mode'),
-        label_situation=train_args.get('label_situation'), target_language=train_args.get('target_language'))
-
-
-def default_weight(model, train_args):
+def default_weight(model, data_cfg):
     """The tester's fusion weight on the English stream: NRCCR its validation weight, MLCMR its only one."""
     if not model.fusion_normalize:
-        return model.fusion_sweep(target_language=train_args.get('target_language') or 'zh',
-                                  train_mode=train_args.get('train_mode') or 'parallel',
-                                  label_situation=train_args.get('label_situation') or 'translate')[0][1]
+        return model.fusion_sweep(target_language=data_cfg['target_language'], train_mode=data_cfg['train_mode'],
+                                  label_situation=data_cfg['label_situation'])[0][1]
     return float(model.cfg.get('sim_ratio', 0.2))
 
 
@@ -181,49 +190,203 @@ def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size,
     return emb, folder
 
 
+# ============ exact scores: dense float64, or a two-stage search for large galleries ============
+
+# "Exact" is the tester's arithmetic (evaluation.similarity): the float64 cosine of the float32 embeddings,
+# l2_normalize(q.double()) . l2_normalize(v.double()), ranked by descending score, ties by gallery order.
+DENSE_LIMIT = 1 << 22      # videos x dims up to which 'auto' keeps a float64 gallery (32 MiB) and scores densely
+U64 = 2.0 ** -53           # unit roundoff of float64
+TINY = 2.0 ** -126         # smallest normal float32 / bfloat16: what one flushed sub-normal can change
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+# largest absolute error of rounding a result to the output type near zero (sub-normal spacing, or a flush)
+OUTPUT_ABS = {torch.bfloat16: TINY, torch.float16: 2.0 ** -14, torch.float32: TINY}
+PREFILTER_DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
+
+
+def unit64(x):
+    """float64 unit rows of float32 embeddings, exactly as evaluation.similarity normalises them."""
+    return evaluation.l2_normalize(torch.as_tensor(x).double())
+
+
+def gamma(n, u):
+    """gamma_n = n u / (1 - n u): a sum of n terms computed with unit roundoff u, in any order, is off by at
+    most gamma_n times the sum of the terms' magnitudes (Higham, Accuracy and Stability, section 3.1)."""
+    return n * u / (1 - n * u)
+
+
+def float32_at_most(x):
+    """The largest float32 <= x (a comparison with a float32 tensor rounds a Python float to float32)."""
+    f = np.float32(x)
+    return float(np.nextafter(f, np.float32(-np.inf)) if float(f) > x else f)
+
+
+class LowPrecisionGallery:
+    """The pre-filter of the two-stage exact search: a low-precision copy of the unit gallery and a rigorous
+    bound on how far its scores are from the exact ones.
+
+    Notation, for one query: q, v the float64 unit vectors of the exact path (`unit64`), s = fl64(q . v) the
+    exact score; q', v' their low-precision copies (bfloat16 by default on CPU, see Searcher); l the score
+    the kernel returns for q' . v' (products accumulated in float32, the result rounded to the low type, unit
+    roundoffs u_acc = 2^-24 and u_out). Then, with D the dimension and |.| the 2-norm:
+
+        |s - q.v|          <= gamma_D(2^-53) |q| |v|                      float64 dot product
+        |q.v - q'.v'|       = |(q - q').v + q'.(v - v')| <= e_q |v| + |q'| e_v
+        |fl(q'.v') - q'.v'| <= gamma_D(u_acc) |q'| |v'|                    float32 accumulation, any order
+        |l - fl(q'.v')|     <= u_out (1 + gamma_D(u_acc)) |q'| |v'| + a_out rounding (or flushing) the output
+
+    where e_q = |q - q'| is measured per query and e_v = max_j |v_j - v'_j|, |v'| = max_j |v'_j|, |v| =
+    max_j |v_j| are measured once over the gallery (so no assumption on how the copies were rounded), plus
+    4 D 2^-126 for sub-normal inputs, products and sums a kernel may flush to zero. The bound B is the sum,
+    times (1 + 1e-6) for the float64 arithmetic that evaluates it (all terms are non-negative). When the
+    float32 matmul precision is not 'highest' (TF32 / bfloat16 inside float32 matmuls), a float32 pre-filter
+    adds (2u + u^2) |q'| |v'| for that input rounding (u = 2^-8, the coarser of the two).
+
+    Candidates. Let lambda_k be the k-th best low score and sigma_k the k-th best exact score. The k videos of
+    best low score all have s >= lambda_k - B, so sigma_k >= lambda_k - B; every video with s >= sigma_k has
+    l >= s - B >= lambda_k - 2B. Keeping every video with l >= lambda_k - 2B therefore keeps all videos scoring
+    sigma_k or more (ties included), and ranking the kept ones by their exact float64 scores, ties by gallery
+    order, gives the exact top-k. The threshold is rounded down to the type of l before comparing.
+
+    The float32 accumulation is the one assumption about the kernel (oneDNN's bfloat16 GEMM and PyTorch's CPU
+    float16 GEMV accumulate in float32); `probe` checks it at construction on a sum that a low-precision
+    accumulator gets wrong by far more than B, and Searcher falls back to a float32 pre-filter if it fails."""
+
+    def __init__(self, video_emb, dtype=torch.bfloat16, device='cpu', chunk=8192):
+        n, d = video_emb.shape
+        self.dtype, self.device, self.dim = dtype, torch.device(device), d
+        self.emb = torch.empty(n, d, dtype=dtype, device=self.device)
+        e_v = norm_low = norm_unit = 0.0
+        for i in range(0, n, chunk):
+            u = unit64(video_emb[i:i + chunk])
+            low = u.to(dtype)
+            e_v = max(e_v, (u - low.double()).norm(dim=1).max().item())
+            norm_low = max(norm_low, low.double().norm(dim=1).max().item())
+            norm_unit = max(norm_unit, u.norm(dim=1).max().item())
+            self.emb[i:i + chunk] = low.to(self.device)
+        self.e_v, self.norm_low, self.norm_unit = e_v, norm_low, norm_unit
+        self.u_out = UNIT_ROUNDOFF[dtype]
+        self.g_acc = gamma(d, UNIT_ROUNDOFF[torch.float32])
+        self.u_in_extra = 0.0
+        if dtype == torch.float32 and torch.get_float32_matmul_precision() != 'highest':
+            self.u_in_extra = 2 * 2.0 ** -8 + 2.0 ** -16
+        self.absolute = OUTPUT_ABS[dtype] + 4 * d * TINY
+
+    def probe(self):
+        """True when the kernel's error on a sum that needs a float32 accumulator stays within the bound:
+        1 + (D-1) u with u the low type's unit roundoff (a low-precision accumulator stalls at 1 or 2)."""
+        d, u = self.dim, UNIT_ROUNDOFF[self.dtype]
+        q = torch.full((1, d), u, dtype=torch.float64)
+        q[0, 0] = 1.0
+        rows = torch.ones(4, d, dtype=self.dtype, device=self.device)
+        got = (q.to(self.dtype).to(self.device) @ rows.T).double().cpu()
+        exact = 1.0 + (d - 1) * u
+        allowed = (self.g_acc + self.u_out * (1 + self.g_acc)) * exact + self.absolute
+        return bool(((got - exact).abs() <= allowed * (1 + 1e-6)).all())
+
+    def scores(self, q):
+        """(low scores [B, N] float32 on the device, bound B [B] float64) for float64 unit queries q [B, D]."""
+        low_q = q.to(self.dtype)
+        e_q = (q - low_q.double()).norm(dim=1)
+        n_low_q = low_q.double().norm(dim=1)
+        products = n_low_q * self.norm_low
+        bound = (e_q * self.norm_unit + n_low_q * self.e_v
+                 + (self.g_acc + self.u_out * (1 + self.g_acc) + self.u_in_extra) * products
+                 + gamma(self.dim, U64) * q.norm(dim=1) * self.norm_unit + self.absolute) * (1 + 1e-6)
+        return (low_q.to(self.device) @ self.emb.T).float(), bound
+
+
+def refine(low, bound, k, exact):
+    """The exact top-k of one query from its low scores [N] (float32 or float64) and bound B: every video
+    with low >= k-th best low - 2B is re-scored by `exact(columns) -> float64 scores`; returns
+    ([(column, exact score)] best first, number of candidates)."""
+    kth = torch.topk(low, k).values[-1].item()
+    threshold = kth - 2 * float(bound)
+    if low.dtype == torch.float32:
+        threshold = float32_at_most(threshold)
+    cand = torch.nonzero(low >= threshold).squeeze(1).cpu()        # ascending columns
+    s = exact(cand)
+    order = torch.sort(-s, stable=True).indices[:k]
+    return list(zip(cand[order].tolist(), s[order].tolist())), len(cand)
+
+
 # ============ the searcher ============
 
 class Searcher:
     """Scores and ranks a cached gallery for text queries; see the module docstring for the rules."""
 
     def __init__(self, model, tokenizer, video_ids, video_emb, device='cpu', batch_size=64, weight=0.2,
-                 clean='raw', index='exact', faiss_index='Flat', cache_folder=None, block=BLOCK, candidates=1000):
+                 clean='raw', index='exact', faiss_index='Flat', cache_folder=None, block=BLOCK, candidates=1000,
+                 scoring='auto', prefilter='auto', amp='off'):
         if clean not in CLEAN_RULES:
             raise ValueError(f'clean must be one of {CLEAN_RULES}, got {clean!r}')
+        if index not in ('exact', 'faiss'):
+            raise ValueError(f'index must be "exact" or "faiss", got {index!r}')
+        if scoring not in SCORING:
+            raise ValueError(f'scoring must be one of {SCORING}, got {scoring!r}')
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = torch.device(device)
         self.video_ids = list(video_ids)
-        self.video_emb = evaluation.l2_normalize(torch.as_tensor(video_emb).float()).to(self.device)
+        self.video_emb = torch.as_tensor(video_emb).float().cpu()      # the model's output, as cached
+        n, d = self.video_emb.shape
         self.batch_size, self.weight, self.clean = batch_size, weight, clean
         self.fusion_normalize = model.fusion_normalize
         self.block, self.candidates = block, candidates
+        self.autocast = autocast_factory(amp, self.device)
         self.index_kind = index
-        self.faiss = None
+        self.last_candidates = []          # two-stage: videos re-scored per query of the last search
+        self.faiss, self.video64, self.low = None, None, None
         if index == 'faiss':
-            self.faiss = build_faiss_index(self.video_emb.cpu().numpy(), faiss_index, cache_folder, self.device)
-        elif index != 'exact':
-            raise ValueError(f'index must be "exact" or "faiss", got {index!r}')
+            self.faiss = build_faiss_index(self.unit32().numpy(), faiss_index, cache_folder, self.device)
+            scoring = 'dense' if scoring == 'auto' else scoring
+        self.scoring = scoring if scoring != 'auto' else ('dense' if n * d <= DENSE_LIMIT else 'two-stage')
+        if self.scoring == 'dense':
+            self.video64 = unit64(self.video_emb).to(self.device)
+        elif index == 'exact':
+            self.low = self._prefilter(prefilter)
+
+    def _prefilter(self, name):
+        """The low-precision gallery: bfloat16 on CPU by default (half the bytes of float32; a GEMM with
+        float32 accumulation for query blocks too), float32 on CUDA (bandwidth is not the limit there, and
+        cuBLAS may reduce bfloat16 sums in reduced precision)."""
+        if name == 'auto':
+            name = 'float32' if self.device.type == 'cuda' else 'bfloat16'
+        if name not in PREFILTER_DTYPES:
+            raise ValueError(f'prefilter must be auto or one of {sorted(PREFILTER_DTYPES)}, got {name!r}')
+        low = LowPrecisionGallery(self.video_emb, PREFILTER_DTYPES[name], self.device)
+        if not low.probe():
+            logger.warning('the %s matmul on %s does not accumulate in float32; using a float32 pre-filter',
+                           name, self.device)
+            low = LowPrecisionGallery(self.video_emb, torch.float32, self.device)
+        return low
+
+    def unit32(self):
+        """float32 unit video embeddings (for FAISS)."""
+        return evaluation.l2_normalize(self.video_emb)
 
     # ---- construction from a run ----
     @classmethod
     def from_checkpoint(cls, checkpoint, rootpath=None, collection=None, feature=None, *, feature_dir=None,
                         split=None, bert_name=None, device='cpu', batch_size=None, workers=0, cache=True,
-                        cache_dir=None, index='exact', faiss_index='Flat', weight=None, clean='raw', log=None):
+                        cache_dir=None, index='exact', faiss_index='Flat', weight=None, clean='raw',
+                        scoring='auto', prefilter='auto', amp='off', log=None):
         """A Searcher over the videos of a feature folder (or of a split) for the checkpoint of a run.
 
         checkpoint: file, run folder, or a folder with exactly one model_best.pth.tar below. rootpath /
         collection / feature default to the run's (the feature folder is <rootpath>/<collection>/FeatureData/
-        <feature>); feature_dir overrides the three. split: gallery = the videos of that split's caption files.
-        cache_dir: where gallery caches go (default <checkpoint folder>/search_cache); cache=False: none."""
+        <feature>); feature_dir overrides the three. split: gallery = the videos of that split's caption files,
+        read with the checkpoint's data config as the tester reads them. cache_dir: where gallery caches go
+        (default <checkpoint folder>/search_cache); cache=False: none."""
         log = log or logger.info
         path = resolve_checkpoint(checkpoint)
         model, train_args = models.load_model(path, bert_name)
         device = torch.device(device)
         model.to(device).eval()
-        collection = collection or train_args.get('collection') or train_args.get('trainCollection')
-        feature = feature or train_args.get('visual_feature')
-        rootpath = os.path.expanduser(rootpath or train_args.get('rootpath')
-                                      or os.path.join('~', 'VisualSearch'))
+        data_cfg = dp.checkpoint_data_config(path, train_args)
+        for key, value in (('collection', collection), ('visual_feature', feature), ('bert_name', bert_name)):
+            if value is not None:
+                data_cfg[key] = value
+        collection, feature = data_cfg['collection'], data_cfg['visual_feature']
+        rootpath = os.path.expanduser(rootpath or train_args.get('rootpath') or os.path.join('~', 'VisualSearch'))
         if feature_dir is None:
             if not (rootpath and collection and feature):
                 raise DataError('give feature_dir, or rootpath, collection and feature (the checkpoint names '
@@ -233,20 +396,19 @@ class Searcher:
         if store.dim != model.cfg['visual_feat_dim']:
             raise DataError(f'{feature_dir}: features have {store.dim} dims but the checkpoint {path} expects '
                             f'{model.cfg["visual_feat_dim"]}; use features made like its training features')
-        lower_case = train_args.get('tokenizer_lower_case')
-        tokenizer = dp.build_tokenizer(bert_name or train_args.get('bert_name') or 'bert-base-multilingual-cased',
-                                       True if lower_case is None else bool(lower_case))
-        is_mlcmr = train_args['model'] == 'mlcmr'
-        batch_size = batch_size or (16 if is_mlcmr else 64)
-        frame_sampling = train_args.get('frame_sampling') or 'first'
+        tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
+        is_mlcmr = data_cfg['model'] == 'mlcmr'
+        batch_size = batch_size or models.MODELS[data_cfg['model']].RUN_DEFAULTS['test_batch_size']
+        frame_sampling = data_cfg['frame_sampling']
 
         if split:
             if not (rootpath and collection):
                 raise DataError(f'split={split!r} needs rootpath and collection')
-            table = dp.eval_table(_eval_opts(train_args, rootpath, collection), split, tokenizer, purpose='test')
+            target = data_cfg['target_language'] if is_mlcmr else None
+            table = dp.eval_table(rootpath, data_cfg, split, tokenizer, purpose='test', target_language=target)
             video_ids = table.videos
-            store.check_videos(video_ids, table.files['primary'])
-            gallery = {'split': split, 'captions': file_identity(table.files['primary'])}
+            store.check_videos(video_ids, table.files[paths.ROLE_PRIMARY])
+            gallery = {'split': split, 'captions': file_identity(table.files[paths.ROLE_PRIMARY])}
         else:
             video_ids = list(store.video2frames)
             store.check_videos(video_ids, os.path.join(feature_dir, 'video2frames.txt'))
@@ -261,8 +423,11 @@ class Searcher:
             cache_dir = None
         emb, folder = load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers,
                                              frame_sampling, log)
-        weight = default_weight(model, train_args) if weight is None else weight
-        searcher = cls(model, tokenizer, video_ids, emb, device, batch_size, weight, clean, index, faiss_index, folder)
+        weight = default_weight(model, data_cfg) if weight is None else weight
+        if split and scoring == 'auto':
+            scoring = 'dense'            # a split's gallery: the tester's arithmetic, bit for bit
+        searcher = cls(model, tokenizer, video_ids, emb, device, batch_size, weight, clean, index, faiss_index, folder,
+                       scoring=scoring, prefilter=prefilter, amp=amp)
         searcher.checkpoint, searcher.feature_dir, searcher.cache_folder = path, feature_dir, folder
         return searcher
 
@@ -275,48 +440,57 @@ class Searcher:
         parts = []
         for i in range(0, len(tokens), self.batch_size):
             stream = dp.move_to(dp.collate_ids(tokens[i:i + self.batch_size]), self.device)
-            parts.append(self.model.embed_texts({'query': stream})['query'].float().cpu())
+            with self.autocast():
+                parts.append(self.model.embed_texts({'query': stream})['query'].float().cpu())
         if not parts:
             return torch.zeros(0, self.video_emb.shape[1])
         return torch.cat(parts)
 
-    def _sims(self, emb, i0, i1):
-        return evaluation.l2_normalize(emb[i0:i1].to(self.device)) @ self.video_emb.T
+    # ---- dense float64 scores (the tester's matrices) ----
+    def _gallery64(self):
+        return self.video64 if self.video64 is not None else unit64(self.video_emb).to(self.device)
 
-    # ---- scores (exact) ----
     def score_blocks(self, queries, second=None, weight=None, clean=None):
-        """Yield (first query row, [B, N] score block) of the exact (fused) similarity matrix."""
+        """Yield (first query row, [B, N] float64 block) of the exact (fused) similarity matrix, with the
+        tester's arithmetic (evaluation.similarity, evaluation.fuse)."""
         q = self.encode(queries, clean)
-        n = len(queries)
+        e = None if second is None else self.encode(second, 'en')
+        if second is not None and len(second) != len(queries):
+            raise ValueError(f'{len(second)} second texts for {len(queries)} queries; give one per query (or None)')
+        yield from self._score_blocks(q, e, self.weight if weight is None else weight)
+
+    def _score_blocks(self, q, e, w):
+        gallery = self._gallery64()
+        q = unit64(q)
+        n = len(q)
         step = max(1, self.block // max(1, len(self.video_ids)))
-        if second is None:
+
+        def sims(emb, i0):
+            return emb[i0:i0 + step].to(self.device) @ gallery.T
+        if e is None:
             for i0 in range(0, n, step):
-                yield i0, self._sims(q, i0, i0 + step)
+                yield i0, sims(q, i0)
             return
-        if len(second) != n:
-            raise ValueError(f'{len(second)} second texts for {n} queries; give one per query (or None)')
-        w = self.weight if weight is None else weight
-        e = self.encode(second, 'en')
+        e = unit64(e)
         if not self.fusion_normalize:
             for i0 in range(0, n, step):
-                yield i0, w * self._sims(e, i0, i0 + step) + (1 - w) * self._sims(q, i0, i0 + step)
+                yield i0, w * sims(e, i0) + (1 - w) * sims(q, i0)
             return
         # min-max over the whole call's matrices, with norm_score's arithmetic (evaluation.norm_score)
         ranges = []
         for emb in (e, q):
-            lo = min((self._sims(emb, i0, i0 + step).min() for i0 in range(0, n, step)), key=float)
-            top = max(((self._sims(emb, i0, i0 + step) - lo).max() for i0 in range(0, n, step)), key=float)
+            lo = min((sims(emb, i0).min() for i0 in range(0, n, step)), key=float)
+            top = max(((sims(emb, i0) - lo).max() for i0 in range(0, n, step)), key=float)
             ranges.append((lo, top))
 
         def norm(s, lo, top):
             s = s - lo
             return s / top if top > 0 else s
         for i0 in range(0, n, step):
-            yield i0, (w * norm(self._sims(e, i0, i0 + step), *ranges[0])
-                       + (1 - w) * norm(self._sims(q, i0, i0 + step), *ranges[1]))
+            yield i0, w * norm(sims(e, i0), *ranges[0]) + (1 - w) * norm(sims(q, i0), *ranges[1])
 
     def scores(self, queries, second=None, weight=None, clean=None):
-        """The exact [Q, N] score matrix on CPU (for small calls and tests; search() streams it)."""
+        """The exact [Q, N] float64 score matrix on CPU (for small calls and tests; search() streams it)."""
         return torch.cat([b.cpu() for _, b in self.score_blocks(queries, second, weight, clean)])
 
     # ---- search ----
@@ -330,30 +504,118 @@ class Searcher:
             second = None
         if second is not None and any(s is None or s == '' for s in second):
             raise ValueError('give a second text for every query or for none')
-        k = max(1, min(int(k), len(self.video_ids)))
-        if self.faiss is not None:
-            ranked = self._faiss_rank(queries, k, second, weight, clean)
-        else:
-            ranked = []
-            for _, block in self.score_blocks(queries, second, weight, clean):
-                ranked.extend(topk_stable(block, k))
-        return [Result(q, None if second is None else second[i],
+        if second is not None and len(second) != len(queries):
+            raise ValueError(f'{len(second)} second texts for {len(queries)} queries; give one per query (or None)')
+        q_emb = self.encode(queries, clean)
+        e_emb = None if second is None else self.encode(second, 'en')
+        ranked = self.rank(q_emb, k, e_emb, weight)
+        return [Result(query, None if second is None else second[i],
                        [Hit(r + 1, self.video_ids[j], float(s)) for r, (j, s) in enumerate(hits)])
-                for i, (q, hits) in enumerate(zip(queries, ranked))]
+                for i, (query, hits) in enumerate(zip(queries, ranked))]
 
-    def _faiss_rank(self, queries, k, second, weight, clean):
-        q = evaluation.l2_normalize(self.encode(queries, clean)).numpy()
-        if second is None:
+    def rank(self, q, k=10, e=None, weight=None):
+        """The search step on encoded queries: per row of the raw query embeddings q [Q, D] (fused with the
+        English embeddings e when given), the k best (gallery column, score) pairs, best first."""
+        k = max(1, min(int(k), len(self.video_ids)))
+        w = self.weight if weight is None else weight
+        if self.faiss is not None:
+            return self._faiss_rank(q, k, e, w)
+        if self.low is not None:
+            return self._two_stage_rank(q, k, e, w)
+        return [hits for _, block in self._score_blocks(q, e, w) for hits in topk_stable(block, k)]
+
+    # ---- two-stage exact search (LowPrecisionGallery) ----
+    def _exact(self, q_row, cand):
+        """float64 exact scores of one float64 unit query against the gallery columns `cand`. A row-wise
+        product and sum, so a score depends only on the two vectors (a matrix-vector product may round a row
+        differently by its position): duplicate videos tie exactly and rank by gallery order."""
+        return (unit64(self.video_emb[cand]) * q_row).sum(dim=1)
+
+    def _low_blocks(self, q):
+        step = max(1, self.block // max(1, len(self.video_ids)))
+        for i0 in range(0, len(q), step):
+            low, bound = self.low.scores(q[i0:i0 + step])
+            yield i0, low, bound
+
+    def _exact_range(self, q):
+        """(lo, top) of the exact [Q, N] matrix as evaluation.norm_score computes them (lo = min, top =
+        max(s - lo)), without that matrix: the minimum lies among the entries with low - B <= min(low + B),
+        the maximum among those with low + B >= max(low - B); only those are scored exactly."""
+        upper_min, lower_max = float('inf'), float('-inf')
+        for _, low, bound in self._low_blocks(q):
+            b = bound.to(low.device, torch.float64)[:, None]
+            upper_min = min(upper_min, (low.double() + b).min().item())
+            lower_max = max(lower_max, (low.double() - b).max().item())
+        mins, maxs = [], []
+        for i0, low, bound in self._low_blocks(q):
+            b = bound.to(low.device, torch.float64)[:, None]
+            for found, keep in ((mins, low.double() - b <= upper_min), (maxs, low.double() + b >= lower_max)):
+                for i in torch.nonzero(keep.any(dim=1)).squeeze(1).tolist():
+                    found.append(self._exact(q[i0 + i], torch.nonzero(keep[i]).squeeze(1).cpu()))
+        lo = torch.cat(mins).min()
+        return lo, (torch.cat(maxs) - lo).max()
+
+    def _two_stage_rank(self, q, k, e, w):
+        q = unit64(q)
+        out, counts = [], []
+        if e is None:
+            for i0, low, bound in self._low_blocks(q):
+                for i in range(len(low)):
+                    hits, n = refine(low[i], bound[i], k, lambda c, r=q[i0 + i]: self._exact(r, c))
+                    out.append(hits)
+                    counts.append(n)
+            self.last_candidates = counts
+            return out
+        e = unit64(e)
+        # fused = w * f_e(S_e) + (1 - w) * f_q(S_q), f = identity (MLCMR) or (s - lo) / top (NRCCR, top > 0)
+        if self.fusion_normalize:
+            (lo_e, top_e), (lo_q, top_q) = self._exact_range(e), self._exact_range(q)
+        else:
+            lo_e = lo_q = 0.0
+            top_e = top_q = 1.0
+        div_e, div_q = (top_e if top_e > 0 else 1.0), (top_q if top_q > 0 else 1.0)
+        norm = self.fusion_normalize
+
+        def f(s, lo, top):
+            s = s - lo
+            return s / top if top > 0 else s
+        # float64 slack for evaluating the fused low score (a few roundings of terms below 2 + |lo| over top)
+        slack = 1e-12 * (1 + abs(w) * (2 + abs(float(lo_e))) / float(div_e)
+                         + abs(1 - w) * (2 + abs(float(lo_q))) / float(div_q))
+        for (i0, low_e, bound_e), (_, low_q, bound_q) in zip(self._low_blocks(e), self._low_blocks(q)):
+            for i in range(len(low_e)):
+                le, lq = low_e[i].double(), low_q[i].double()
+                if norm:
+                    fused_low = w * f(le, lo_e, top_e) + (1 - w) * f(lq, lo_q, top_q)
+                else:
+                    fused_low = w * le + (1 - w) * lq
+                bound = (abs(w) * float(bound_e[i]) / float(div_e) + abs(1 - w) * float(bound_q[i]) / float(div_q)
+                         + slack)
+
+                def exact(c, re=e[i0 + i], rq=q[i0 + i]):
+                    se, sq = self._exact(re, c), self._exact(rq, c)
+                    if norm:
+                        return w * f(se, lo_e, top_e) + (1 - w) * f(sq, lo_q, top_q)
+                    return w * se + (1 - w) * sq
+                hits, n = refine(fused_low, bound, k, exact)
+                out.append(hits)
+                counts.append(n)
+        self.last_candidates = counts
+        return out
+
+    # ---- FAISS ----
+    def _faiss_rank(self, q, k, e, w):
+        q = evaluation.l2_normalize(q).numpy()
+        if e is None:
             scores, ids = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), k)
             return [[(int(j), float(s)) for j, s in zip(ri, rs) if j >= 0] for ri, rs in zip(ids, scores)]
-        e = evaluation.l2_normalize(self.encode(second, 'en')).numpy()
+        e = evaluation.l2_normalize(e).numpy()
         m = max(k, min(self.candidates, len(self.video_ids)))
         _, ids_q = self.faiss.search(np.ascontiguousarray(q, dtype=np.float32), m)
         _, ids_e = self.faiss.search(np.ascontiguousarray(e, dtype=np.float32), m)
-        w = self.weight if weight is None else weight
-        video = self.video_emb.cpu()
+        video = self.unit32()
         out = []
-        for i in range(len(queries)):
+        for i in range(len(q)):
             cand = torch.from_numpy(np.union1d(ids_q[i][ids_q[i] >= 0], ids_e[i][ids_e[i] >= 0]))
             v = video[cand]
             sq, se = v @ torch.from_numpy(q[i]), v @ torch.from_numpy(e[i])
