@@ -65,6 +65,14 @@ def test_features_equal_clip_of_sampled_frames(video_dir, tmp_path, tiny_clip, c
     assert not os.path.exists(out / ef.SHARD_DIR)
 
 
+def _assert_same_features(ref, out):
+    """Same ids and rows; the values may differ in the last bits, because a batch mixing other videos runs the
+    vision model's matrix products with another blocking when torch uses several threads."""
+    assert (out / 'id.txt').read_bytes() == (ref / 'id.txt').read_bytes()
+    a, b = BigFile(str(ref)), BigFile(str(out))
+    np.testing.assert_allclose(b.read(b.names), a.read(a.names), rtol=1e-5, atol=1e-6)
+
+
 def test_rerun_skips_finished_videos_and_adds_new_ones(video_dir, tmp_path, tiny_clip):
     out = tmp_path / 'feat'
     _run(video_dir, out, tiny_clip)
@@ -79,7 +87,7 @@ def test_rerun_skips_finished_videos_and_adds_new_ones(video_dir, tmp_path, tiny
     assert sorted(v2f) == ['clip0', 'clip1', 'clip2', 'clip3', 'clip9']
     ref = tmp_path / 'fresh'
     _run(video_dir, ref, tiny_clip)
-    assert (ref / 'feature.bin').read_bytes() == (out / 'feature.bin').read_bytes()
+    _assert_same_features(ref, out)
 
 
 def test_interrupted_run_is_redone_never_half_written(video_dir, tmp_path, tiny_clip, monkeypatch):
@@ -101,8 +109,7 @@ def test_interrupted_run_is_redone_never_half_written(video_dir, tmp_path, tiny_
     monkeypatch.setattr(ClipImageEmbedder, 'embed_pixels', real)
     resumed = _run(video_dir, out, tiny_clip, '--batch_size', '6')
     assert resumed['extracted'] == 2 and resumed['skipped_done'] == 2
-    assert (out / 'feature.bin').read_bytes() == (ref / 'feature.bin').read_bytes()
-    assert (out / 'id.txt').read_bytes() == (ref / 'id.txt').read_bytes()
+    _assert_same_features(ref, out)
 
 
 def test_other_settings_are_refused(video_dir, tmp_path, tiny_clip):

@@ -89,6 +89,16 @@ def result_metrics(result):
         return json.load(f)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Float sums depend on the number of torch threads; the killed runs are subprocesses with one thread, so
+    every run of this module uses one (otherwise bit-equality would hold only where the default is one)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope='module')
 def reference(toy_root):
     """Two epochs of NRCCR and the test, without interruption."""
