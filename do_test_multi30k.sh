@@ -1,16 +1,5 @@
 #!/usr/bin/env bash
 # Test an NRCCR image checkpoint on Multi-30K (test 2016): MODELDIR holds model_best.pth.tar. The task, target
-# language and image encoder are those stored in the checkpoint.
+# language and image encoder are those stored in the checkpoint. Runs the shared test recipe of do_test_vatex.sh.
 # usage: ./do_test_multi30k.sh ROOTPATH MODELDIR GPU_ID [extra tester.py flags]    (GPU_ID: 0 | cpu)
-set -euo pipefail
-cd "$(dirname "$0")"
-ROOTPATH=${1:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
-MODELDIR=${2:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
-GPU_ID=${3:?usage: $0 ROOTPATH MODELDIR GPU_ID [tester flags]}
-shift 3
-
-COLLECTION=${COLLECTION-multi30k}    # empty: the collection stored in the checkpoint
-
-source util/launch.sh
-launch_single tester.py --rootpath "$ROOTPATH" ${COLLECTION:+--collection "$COLLECTION"} \
-  --logger_name "$MODELDIR" --overwrite 1 "$@"
+COLLECTION=${COLLECTION-multi30k} exec "$(dirname "$0")/do_test_vatex.sh" "$@"

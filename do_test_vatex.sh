@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Test an NRCCR checkpoint on VATEX: MODELDIR holds model_best.pth.tar (ours or an original release).
+# Test an NRCCR checkpoint on VATEX: MODELDIR holds model_best.pth.tar (ours or an original release). The
+# other do_test scripts run this recipe with their COLLECTION (empty: the one stored in the checkpoint).
 # usage: ./do_test_vatex.sh ROOTPATH MODELDIR GPU_ID [extra tester.py flags]    (GPU_ID: 0 | cpu)
 set -euo pipefail
 cd "$(dirname "$0")"

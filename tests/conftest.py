@@ -49,3 +49,20 @@ def val_score_of_checkpoint(path, argv):
     sims = trainer.embed_split(model, val, args.val_batch_size, torch.device('cpu'), 0,
                                autocast_factory('off', None), False)
     return model.validation_score(sims, val.cap2vid)[0]
+
+
+def interrupt_after_epochs(monkeypatch, argv, epochs=1):
+    """trainer.main(argv) stopped by Ctrl-C when epoch `epochs` (0-based) starts, as a user would stop it."""
+    import trainer
+    real_epoch, calls = trainer.train_one_epoch, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == epochs + 1:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(trainer, 'train_one_epoch', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.main(argv)
+    monkeypatch.setattr(trainer, 'train_one_epoch', real_epoch)

@@ -9,7 +9,7 @@ import torch
 import evaluation
 import tester
 import trainer
-from conftest import tiny_train_argv, val_score_of_checkpoint
+from conftest import interrupt_after_epochs, tiny_train_argv, val_score_of_checkpoint
 
 
 def read_jsonl(path):
@@ -58,18 +58,7 @@ def test_reloaded_best_checkpoint_reproduces_its_validation_score(finished_run, 
 
 def test_interrupt_and_resume_matches_uninterrupted_run(finished_run, toy_root, monkeypatch):
     argv = tiny_train_argv(toy_root, 'B', '--num_epochs', '2', '--skip_test', '1')
-    real_epoch, calls = trainer.train_one_epoch, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(trainer, 'train_one_epoch', interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.main(argv)
-    monkeypatch.setattr(trainer, 'train_one_epoch', real_epoch)
+    interrupt_after_epochs(monkeypatch, argv)
     run_b = os.path.join(os.path.dirname(finished_run['run_dir']), 'B')
     partial = torch.load(os.path.join(run_b, 'checkpoint_last.pth.tar'), weights_only=True)
     assert partial['epoch'] == 1 and not os.path.exists(os.path.join(run_b, 'val_metric.txt'))

@@ -12,7 +12,7 @@ import torch
 
 import tester
 import trainer
-from conftest import REPO, tiny_train_argv
+from conftest import REPO, interrupt_after_epochs, tiny_train_argv
 from util import checkpoint as ckpt
 from util import runs
 
@@ -127,18 +127,7 @@ def test_resume_after_kill_equals_uninterrupted_run(reference, toy_root, tmp_pat
 
 def test_stale_temp_files_removed_on_resume_only_own(toy_root, tmp_path, monkeypatch):
     argv = run_argv(toy_root, 'stale', '--skip_test', '1')
-    real_epoch, calls = trainer.train_one_epoch, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(trainer, 'train_one_epoch', interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.main(argv)
-    monkeypatch.undo()
+    interrupt_after_epochs(monkeypatch, argv)
     run_dir = runs.run_dir(trainer.parse_args(argv))
     stale = [os.path.join(run_dir, n) for n in ('.model_best.pth.tar.4242.0123abcd.tmp',
                                                 '.checkpoint_last.pth.tar.17.deadbeef.tmp',
@@ -159,18 +148,7 @@ def test_resume_rebuilds_history_without_duplicates(toy_root, tmp_path, monkeypa
     """A history file holding an epoch the checkpoint does not (killed between the two) and one missing an
     epoch the checkpoint holds both come back exact."""
     argv = run_argv(toy_root, 'hist', '--skip_test', '1')
-    real_epoch, calls = trainer.train_one_epoch, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(trainer, 'train_one_epoch', interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.main(argv)
-    monkeypatch.undo()
+    interrupt_after_epochs(monkeypatch, argv)
     run_dir = runs.run_dir(trainer.parse_args(argv))
     with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:       # epoch 1 written, checkpoint not
         f.write(json.dumps({'epoch': 1, 'score': -1.0}) + '\n')
@@ -308,18 +286,7 @@ def test_test_after_training_gets_the_run_settings(toy_root, monkeypatch):
 def test_resume_of_a_checkpoint_without_history(reference, toy_root, monkeypatch):
     """Checkpoints written before the history was stored in them resume with the history of metrics.jsonl."""
     argv = run_argv(toy_root, 'nohist', '--skip_test', '1')
-    real_epoch, calls = trainer.train_one_epoch, []
-
-    def interrupted(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(trainer, 'train_one_epoch', interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.main(argv)
-    monkeypatch.undo()
+    interrupt_after_epochs(monkeypatch, argv)
     run_dir = runs.run_dir(trainer.parse_args(argv))
     last = os.path.join(run_dir, 'checkpoint_last.pth.tar')
     saved = torch.load(last, weights_only=True)
