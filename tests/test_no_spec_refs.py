@@ -1,4 +1,5 @@
-"""The repository explains itself: no tracked file cites the external design document ("SPEC §x"); citations
+"""The repository explains itself: no tracked file cites the external design document by section
+(the word SPEC, a space, the section sign); citations
 point to docs/ pages by page and heading, and every cited page and heading exists."""
 import re
 import subprocess
@@ -8,7 +9,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve().relative_to(REPO).as_posix()
-FORBIDDEN = ('SPEC §'.encode('utf-8'), b'SPEC Appendix')
+SPEC_SECTION = 'SPEC ' + chr(0xA7)      # spelt out, so this file does not cite what it forbids
+FORBIDDEN = (SPEC_SECTION.encode('utf-8'), b'SPEC Appendix')
 # (docs/data.md, 'BigFile') or, inside single-quoted strings, (docs/data.md, "BigFile")
 CITATION = re.compile(r"""docs/([\w-]+)\.md,? (?:'([^'\n]+)'|"([^"\n]+)")""")
 
@@ -80,11 +82,12 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     """Both checks flag a planted file, so an empty result above means something."""
     (tmp_path / 'docs').mkdir()
     (tmp_path / 'docs' / 'data.md').write_text('# Data\n\n## BigFile\n\ntext\n', encoding='utf-8')
-    (tmp_path / 'a.py').write_text('x = 1\n# see SPEC §1.2 for the format\n', encoding='utf-8')
+    (tmp_path / 'a.py').write_text(f'x = 1\n# see {SPEC_SECTION}1.2 for the format\n', encoding='utf-8')
     (tmp_path / 'b.md').write_text('as in SPEC Appendix A\n', encoding='utf-8')
     (tmp_path / 'c.py').write_text("# (docs/data.md, 'BigFile') and (docs/data.md, \"BigFile\")\n"
                                    "# (docs/data.md, 'Tokenizer') and (docs/nope.md, 'X')\n", encoding='utf-8')
     names = ['a.py', 'b.md', 'c.py', 'docs/data.md']
-    assert spec_refs(tmp_path, names) == ['a.py:2: # see SPEC §1.2 for the format', 'b.md:1: as in SPEC Appendix A']
+    assert spec_refs(tmp_path, names) == [f'a.py:2: # see {SPEC_SECTION}1.2 for the format',
+                                         'b.md:1: as in SPEC Appendix A']
     bad = broken_citations(tmp_path, names)
     assert len(bad) == 2 and "'Tokenizer'" in bad[0] and 'docs/nope.md' in bad[1], bad

@@ -242,14 +242,12 @@ def test_bench_search_quick_smoke():
 
 # ============ the two-stage exact search ============
 
-class _StubModel:
+class _StubModel(torch.nn.Module):
     """Stands in for a checkpoint: Searcher.encode is replaced by a table of query embeddings."""
 
     def __init__(self, normalize):
+        super().__init__()
         self.fusion_normalize = normalize
-
-    def eval(self):
-        return self
 
 
 def _stub_searcher(emb, table, normalize=False, **kw):
