@@ -353,6 +353,17 @@ def encode_texts(model, dataset, batch_size, device, workers=0, autocast=context
                    autocast, dist, 'encode captions', 'captions', batches)
 
 
+def encode_split(model, data, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
+    """(texts, videos) of an evaluation split (util/data_provider.py EvalData): {role: (N_c, D)} caption and
+    (N_v, D) video embeddings on CPU. Captions go in length buckets when the model pools over valid positions
+    only (less padding, same embeddings), else in the original file-order batches, which padded mean pooling
+    depends on (util/bucketing.py)."""
+    videos = encode_videos(model, data.video_set, batch_size, device, workers, autocast, dist)
+    batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
+    texts = encode_texts(model, data.text_set, batch_size, device, workers, autocast, dist, batches=batches)
+    return texts, videos
+
+
 def l2_normalize(x):
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 

@@ -29,8 +29,7 @@ from util import checkpoint as ckpt
 from util import data_provider as dp
 from util import distributed as dist
 from util import runs
-from util import bucketing
-from util.precision import AMP_CHOICES, autocast_factory, resolve_amp
+from util.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
 
 logger = logging.getLogger('mlcmr')
 
@@ -142,17 +141,12 @@ def build_test_data(args, data_cfg, model, target):
 def encode(args, model, data, device, batch_size):
     """(texts, videos, sims): caption and video embeddings; `sims` the float64 [captions, videos] matrices
     per role, or None when the gallery is streamed (then the embeddings come back l2-normalised, float32).
-    Precision: --amp resolved for the device (util/precision.py). Captions: in length buckets when the model
-    pools over valid positions only (less padding, same embeddings), else in the original file-order
-    batches, which padded mean pooling depends on (util/bucketing.py)."""
+    Precision: --amp resolved for the device (util/precision.py); batching: evaluation.encode_split."""
     amp, message = resolve_amp(args.amp, device)
-    logger.log(logging.WARNING if args.amp == 'auto' and amp == 'off' else logging.INFO, '%s', message)
+    logger.log(amp_log_level(args.amp, amp), '%s', message)
     autocast = autocast_factory(amp, device)
     start = time.perf_counter()
-    videos = evaluation.encode_videos(model, data.video_set, batch_size, device, args.workers, autocast)
-    batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
-    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, args.workers, autocast,
-                                    batches=batches)
+    texts, videos = evaluation.encode_split(model, data, batch_size, device, args.workers, autocast)
     logger.info('encoded %d videos and %d captions x %d streams in %.1f s (%s caption batches of %d)',
                 len(data.videos), len(data.table), len(texts), time.perf_counter() - start,
                 'length-bucketed' if model.cfg.get('masked_pooling', False) else 'file-order', batch_size)

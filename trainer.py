@@ -30,9 +30,7 @@ from util import data_provider as dp
 from util import distributed as dist
 from util import image_data
 from util import runs
-from util.data_provider import EvalData  # noqa: F401  (re-exported for scripts that used trainer.EvalData)
-from util import bucketing
-from util.precision import AMP_CHOICES, autocast_factory, resolve_amp
+from util.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
 from util.progress import Progress
 from util.training import NonFiniteWatch, log_values, train_step
 
@@ -341,8 +339,7 @@ def resolve_precision(args, device):
     which keeps --amp as given) and returns (logging level, line) for the run's log. An explicit bf16 on a
     device without native bf16 is a DataError (one line); auto falling back to fp32 is a warning."""
     args.amp_resolved, message = resolve_amp(args.amp, device)
-    fell_back = args.amp == 'auto' and args.amp_resolved == 'off'
-    return (logging.WARNING if fell_back else logging.INFO), message
+    return amp_log_level(args.amp, args.amp_resolved), message
 
 
 def seed_and_backends(args, run):
@@ -457,10 +454,8 @@ def embed_split(model, data, batch_size, device, workers, autocast, distributed)
     """{'primary': sims, 'second': sims}: [captions, videos] float64 similarity matrices on CPU. With masked
     pooling captions are encoded in length buckets (less padding, same embeddings); with parity pooling in
     the original file-order batches, whose composition the padded mean depends on (util/bucketing.py)."""
-    d = dist if distributed else None
-    videos = evaluation.encode_videos(model, data.video_set, batch_size, device, workers, autocast, d)
-    batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
-    texts = evaluation.encode_texts(model, data.text_set, batch_size, device, workers, autocast, d, batches=batches)
+    texts, videos = evaluation.encode_split(model, data, batch_size, device, workers, autocast,
+                                            dist if distributed else None)
     return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
 
 

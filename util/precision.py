@@ -9,6 +9,7 @@ picks fp32 there and an explicit `bf16` is refused with a one-line error. fp16 i
 (on CPU it runs, emulated, as it always did).
 """
 import contextlib
+import logging
 
 import torch
 
@@ -58,6 +59,11 @@ def bf16_support(device):
             return True, f'CPU has {"/".join(found)}'
         return False, f'CPU lacks {" and ".join(CPU_BF16_FLAGS)}'
     return False, f'no bf16 check for device type {device.type}'
+
+
+def amp_log_level(spec, amp):
+    """Logging level of resolve_amp's line: a warning when `auto` fell back to fp32, else info."""
+    return logging.WARNING if spec == 'auto' and amp == 'off' else logging.INFO
 
 
 def resolve_amp(spec, device):
