@@ -357,7 +357,7 @@ def open_store(rootpath, data_cfg, split):
 def open_stores(rootpath, data_cfg, splits):
     """{split: store} for `splits`; a video collection opens its one FrameStore once."""
     if is_image(data_cfg):
-        return {s: image_data.open_image_store(rootpath, data_cfg, s) for s in dict.fromkeys(splits)}
+        return {s: open_store(rootpath, data_cfg, s) for s in dict.fromkeys(splits)}
     store = open_store(rootpath, data_cfg, None)
     return {s: store for s in splits}
 
