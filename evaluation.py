@@ -11,7 +11,7 @@ instead of sorting: the 0-based place of item c in row q is
 evaluated on blocks of queries so memory stays bounded whatever the gallery size. Work: N_c * N_v comparisons
 for t2v and N_c^2 for v2t (each caption against its video's whole row), twice (> and ==). Measured: 15k x 1.5k
 about 1 s on one CPU core; 100k x 10k from embeddings about 50 s on two cores; larger galleries want a GPU
-(util/bench_metrics.py).
+(util/bench/metrics.py).
 
 Encoding loops (`encode_videos`, `encode_texts`) run a model in eval mode under inference mode over
 batches of dataset indices (consecutive file-order batches unless the caller passes others) and return CPU
@@ -22,9 +22,9 @@ import contextlib
 import numpy as np
 import torch
 
-from util import bucketing
-from util.batching import collate, move_to
-from util.progress import track
+from basic import bucketing
+from basic.batching import collate, move_to
+from basic.progress import track
 
 METRIC_KEYS = ('t2v_r1', 't2v_r5', 't2v_r10', 't2v_medr', 't2v_meanr', 't2v_map',
                'v2t_r1', 'v2t_r5', 'v2t_r10', 'v2t_medr', 'v2t_meanr', 'v2t_map', 'sumr')
@@ -306,7 +306,7 @@ def format_table(metrics, title=None):
 def _encode(model, embed, dataset, batch_size, device, workers, autocast, dist, desc, unit, batches=None):
     """Run `embed(batch)` over `batches` (lists of dataset indices; default consecutive file-order batches of
     `batch_size`) in eval mode, each rank taking every world-th batch; outputs on CPU in dataset order.
-    Progress: a bar on a terminal, log lines elsewhere (util/progress.py), on rank 0."""
+    Progress: a bar on a terminal, log lines elsewhere (basic/progress.py), on rank 0."""
     from torch.utils.data import DataLoader
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
     batches = bucketing.file_order_batches(len(dataset), batch_size) if batches is None else batches
@@ -347,17 +347,17 @@ def encode_videos(model, dataset, batch_size, device, workers=0, autocast=contex
 def encode_texts(model, dataset, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None,
                  batches=None):
     """{role: (N_c, D)} unit-norm caption embeddings on CPU, in dataset order. `batches`: lists of dataset
-    indices, default consecutive file-order batches; with masked pooling util/bucketing.caption_batches
+    indices, default consecutive file-order batches; with masked pooling basic/bucketing.caption_batches
     groups captions by length (less padding, the same embeddings)."""
     return _encode(model, lambda b: model.embed_texts(b['text']), dataset, batch_size, device, workers,
                    autocast, dist, 'encode captions', 'captions', batches)
 
 
 def encode_split(model, data, batch_size, device, workers=0, autocast=contextlib.nullcontext, dist=None):
-    """(texts, videos) of an evaluation split (util/data_provider.py EvalData): {role: (N_c, D)} caption and
+    """(texts, videos) of an evaluation split (basic/data_provider.py EvalData): {role: (N_c, D)} caption and
     (N_v, D) video embeddings on CPU. Captions go in length buckets when the model pools over valid positions
     only (less padding, same embeddings), else in the original file-order batches, which padded mean pooling
-    depends on (util/bucketing.py)."""
+    depends on (basic/bucketing.py)."""
     videos = encode_videos(model, data.video_set, batch_size, device, workers, autocast, dist)
     batches = bucketing.caption_batches(data.table, batch_size, model.cfg.get('masked_pooling', False))
     texts = encode_texts(model, data.text_set, batch_size, device, workers, autocast, dist, batches=batches)

@@ -17,8 +17,8 @@ import logging
 import sys
 
 from basic.errors import DataError
-from util import runs
-from util.precision import AMP_CHOICES, resolve_amp
+from basic import runs
+from basic.precision import AMP_CHOICES, resolve_amp
 from util.searcher import CLEAN_RULES, PREFILTER_DTYPES, SCORING, Searcher
 
 logger = logging.getLogger('mlcmr')
@@ -149,7 +149,7 @@ def main(argv=None):
 
 def _main(args):
     logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
-    from util import distributed as dist
+    from basic import distributed as dist
     pairs = read_queries(args)
     try:
         device = dist.resolve_device(args.device)

@@ -25,11 +25,11 @@ import evaluation
 import model as models
 from basic import paths
 from basic.errors import DataError
-from util import checkpoint as ckpt
-from util import data_provider as dp
-from util import distributed as dist
-from util import runs
-from util.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
+from basic import checkpoint as ckpt
+from basic import data_provider as dp
+from basic import distributed as dist
+from basic import runs
+from basic.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
 
 logger = logging.getLogger('mlcmr')
 
@@ -141,7 +141,7 @@ def build_test_data(args, data_cfg, model, target):
 def encode(args, model, data, device, batch_size):
     """(texts, videos, sims): caption and video embeddings; `sims` the float64 [captions, videos] matrices
     per role, or None when the gallery is streamed (then the embeddings come back l2-normalised, float32).
-    Precision: --amp resolved for the device (util/precision.py); batching: evaluation.encode_split."""
+    Precision: --amp resolved for the device (basic/precision.py); batching: evaluation.encode_split."""
     amp, message = resolve_amp(args.amp, device)
     logger.log(amp_log_level(args.amp, amp), '%s', message)
     autocast = autocast_factory(amp, device)

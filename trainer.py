@@ -25,14 +25,14 @@ import evaluation
 import model as models
 from basic import paths
 from basic.errors import DataError
-from util import checkpoint as ckpt
-from util import data_provider as dp
-from util import distributed as dist
-from util import image_data
-from util import runs
-from util.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
-from util.progress import Progress
-from util.training import NonFiniteWatch, log_values, train_step
+from basic import checkpoint as ckpt
+from basic import data_provider as dp
+from basic import distributed as dist
+from basic import image_data
+from basic import runs
+from basic.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
+from basic.progress import Progress
+from basic.training import NonFiniteWatch, log_values, train_step
 
 logger = logging.getLogger('mlcmr')
 
@@ -246,7 +246,7 @@ def finalize_args(args):
 
 
 def data_cfg_from_args(args):
-    """The plain data config (util/data_provider.py DATA_DEFAULTS) the data side is built from; stored in
+    """The plain data config (basic/data_provider.py DATA_DEFAULTS) the data side is built from; stored in
     every checkpoint beside model_cfg."""
     return dp.data_config(**{k: getattr(args, k) for k in dp.DATA_DEFAULTS})
 
@@ -334,7 +334,7 @@ def prepare_run_dir(args, info):
 
 
 def resolve_precision(args, device):
-    """Resolve --amp once for this device (util/precision.py): stores the precision the run computes in as
+    """Resolve --amp once for this device (basic/precision.py): stores the precision the run computes in as
     args.amp_resolved (off, fp16 or bf16; in args.json and every checkpoint; outside the run-folder hash,
     which keeps --amp as given) and returns (logging level, line) for the run's log. An explicit bf16 on a
     device without native bf16 is a DataError (one line); auto falling back to fp32 is a warning."""
@@ -453,21 +453,21 @@ def set_lr(optimizer, lr):
 def embed_split(model, data, batch_size, device, workers, autocast, distributed):
     """{'primary': sims, 'second': sims}: [captions, videos] float64 similarity matrices on CPU. With masked
     pooling captions are encoded in length buckets (less padding, same embeddings); with parity pooling in
-    the original file-order batches, whose composition the padded mean depends on (util/bucketing.py)."""
+    the original file-order batches, whose composition the padded mean depends on (basic/bucketing.py)."""
     texts, videos = evaluation.encode_split(model, data, batch_size, device, workers, autocast,
                                             dist if distributed else None)
     return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
 
 
 def train_one_epoch(args, run, net, loader, state, writer):
-    """One pass over the training data (util/training.py train_step per batch); returns the epoch's mean logs
+    """One pass over the training data (basic/training.py train_step per batch); returns the epoch's mean logs
     and samples/s (all ranks).
 
-    Progress: a bar on a terminal, otherwise a log line every --log_every steps or 60 s (util/progress.py).
+    Progress: a bar on a terminal, otherwise a log line every --log_every steps or 60 s (basic/progress.py).
     The step's logs stay on the device as 0-d tensors, summed there; they are read every --log_step steps
     (TensorBoard) and at the end of the epoch, so a GPU never waits for the host in between. The non-finite
     loss check runs every step on a CPU (free there, and before the weights change); on a GPU it is read at
-    the same rhythm and names the first bad step (util/training.py NonFiniteWatch)."""
+    the same rhythm and names the first bad step (basic/training.py NonFiniteWatch)."""
     main_params = net.model.main_parameters()
     net.model.train()
     epoch = state['epoch']

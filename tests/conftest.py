@@ -38,8 +38,8 @@ def val_score_of_checkpoint(path, argv):
     import model as models
     import trainer
     from basic import paths
-    from util import data_provider as dp
-    from util.precision import autocast_factory
+    from basic import data_provider as dp
+    from basic.precision import autocast_factory
     model, _ = models.load_model(path)
     args = trainer.parse_args(argv)
     data_cfg = trainer.data_cfg_from_args(args)

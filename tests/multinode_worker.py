@@ -1,6 +1,6 @@
 """One process of the two-node test (tests/test_multinode.py), started by torchrun on each "node".
 
-It joins the process group the way trainer.py does (util.distributed.init_distributed reads the torchrun
+It joins the process group the way trainer.py does (basic.distributed.init_distributed reads the torchrun
 environment), takes its rank's half of one fixed batch, gathers the embeddings of the global batch with
 gradient, back-propagates under DistributedDataParallel and writes, from every rank, the averaged gradients
 of the main parameters and the logged loss. The test compares them with one process on the whole batch.
@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import model as models  # noqa: E402
 from test_ddp import slice_batch  # noqa: E402
 from test_model import mlcmr_batch, nrccr_batch, small_cfg  # noqa: E402
-from util import distributed as dist  # noqa: E402
+from basic import distributed as dist  # noqa: E402
 
 BATCH = 8
 BATCHES = {'nrccr': nrccr_batch, 'mlcmr': mlcmr_batch}

@@ -17,8 +17,8 @@ import evaluation
 import model as models
 import trainer
 from conftest import tiny_train_argv
-from util import precision, runs
-from util.training import NonFiniteWatch, log_values, train_step
+from basic import precision, runs
+from basic.training import NonFiniteWatch, log_values, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -200,10 +200,10 @@ def test_nonfinite_watch_cuda():
 @pytest.mark.parametrize('amp', ['off', 'bf16'])
 def test_train_step_cuda_waits_for_the_device_nowhere_in_our_code(toy_root, name, amp):
     """torch's sync debug mode warns at every host synchronisation, attributed to the Python line that
-    caused it: none of them may come from the step's own code (model.py, loss.py, util/training.py).
+    caused it: none of them may come from the step's own code (model.py, loss.py, basic/training.py).
     Syncs inside third-party code (transformers' mask handling, for one) are not ours to remove."""
     from test_model import mlcmr_batch, nrccr_batch, small_cfg
-    from util.batching import move_to
+    from basic.batching import move_to
     device = torch.device('cuda')
     if amp == 'bf16' and not precision.bf16_support(device)[0]:
         pytest.skip('this GPU has no native bf16')
@@ -217,7 +217,7 @@ def test_train_step_cuda_waits_for_the_device_nowhere_in_our_code(toy_root, name
     train_step(model, model, batch, opts, scaler, autocast, 2.0)            # warm-up (lazy initialisation)
     torch.cuda.synchronize()
     ours = {os.path.abspath(p) for p in (models.__file__, sys.modules['loss'].__file__,
-                                          sys.modules['util.training'].__file__)}
+                                          sys.modules['basic.training'].__file__)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')

@@ -1,11 +1,11 @@
-"""util/bench_image.py: a smoke run at tiny sizes (row keys, positive numbers — no timings asserted), and the two
+"""util/bench/image.py: a smoke run at tiny sizes (row keys, positive numbers — no timings asserted), and the two
 paths feeding the model the same features."""
 import json
 import math
 
 import torch
 
-from util import bench_image
+from util.bench import image as bench_image
 
 
 def test_quick_run_rows(tmp_path):

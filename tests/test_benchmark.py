@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from util import benchmark
-from util import data_provider as dp
+from basic import data_provider as dp
 
 
 def _positive(row, keys):
@@ -99,7 +99,7 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
         _positive(row, ['seconds', 'sumr'])
     assert [r.get('target_s') for r in report['eval'][:2]] == [2.0, 2.0]
 
-    # image: cached CLIP features vs a CLIP forward per batch (util/bench_image.py)
+    # image: cached CLIP features vs a CLIP forward per batch (util/bench/image.py)
     assert [(r['what'], r['path'], r['device']) for r in report['image']] == [
         ('image_train', 'cached_features', 'cpu'), ('image_train', 'clip_per_step', 'cpu')]
     for row in report['image']:
@@ -133,12 +133,12 @@ def test_bad_arguments_are_refused(argv, tmp_path, capsys):
 
 def test_the_benchmark_steps_as_the_trainer_does(tmp_path):
     """The benchmark's optimiser settings are the trainer's defaults, and its step is the trainer's
-    (util/training.py train_step: the NRCCR discriminator moves too)."""
+    (basic/training.py train_step: the NRCCR discriminator moves too)."""
     import trainer
     parser = trainer.get_args_parser()
     assert (benchmark.LEARNING_RATE, benchmark.DISC_LEARNING_RATE, benchmark.GRAD_CLIP) == tuple(
         parser.get_default(k) for k in ('learning_rate', 'glr', 'grad_clip'))
-    from util import training
+    from basic import training
     assert benchmark.train_step is training.train_step
     data = benchmark.Synthetic(str(tmp_path), dict(benchmark.QUICK, videos=6, frames=(3, 5), captions_per_video=2))
     setup = benchmark.TrainSetup('nrccr', 'toy', data.store.dim, benchmark.QUICK['model_overrides']['nrccr'],
@@ -223,7 +223,7 @@ def test_matmul_peak_row():
 
 
 def test_auto_amps_follow_the_hardware(monkeypatch):
-    from util import precision
+    from basic import precision
     cpu = torch.device('cpu')
     monkeypatch.setattr(precision, 'bf16_support', lambda device: (True, 'CPU has avx512_bf16'))
     assert benchmark.train_amps(cpu, 'auto') == ['off', 'bf16']

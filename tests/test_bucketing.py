@@ -1,4 +1,4 @@
-"""util/bucketing.py: length-bucketed caption batches cover every caption once, cut padding, and — with
+"""basic/bucketing.py: length-bucketed caption batches cover every caption once, cut padding, and — with
 masked pooling — give the same embeddings as the file-order batches (with parity pooling they would not,
 which is why parity keeps file order)."""
 import numpy as np
@@ -8,8 +8,8 @@ import torch
 import evaluation
 import model as models
 from test_model import small_cfg
-from util import bucketing
-from util import data_provider as dp
+from basic import bucketing
+from basic import data_provider as dp
 
 
 def table(lengths_by_role, seed=0):

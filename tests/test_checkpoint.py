@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from basic.errors import DataError
-from util import checkpoint as ckpt
+from basic import checkpoint as ckpt
 
 
 def tiny_model():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.clip_encoder import ClipImageEmbedder, save_tiny_clip
+from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip
 from basic.errors import DataError
 
 PIL = pytest.importorskip('PIL.Image')

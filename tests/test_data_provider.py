@@ -8,7 +8,7 @@ import torch
 
 from basic import paths
 from basic.errors import DataError
-from util import data_provider as dp
+from basic import data_provider as dp
 
 
 def provider_args(root, **kw):

@@ -97,7 +97,7 @@ def gradient_worker(rank, world, port, root, out_path):
     import torch.distributed as tdist
     import model as models
     from test_model import mlcmr_batch, small_cfg
-    from util import distributed as dist
+    from basic import distributed as dist
     tdist.init_process_group('gloo', rank=rank, world_size=world)
     torch.manual_seed(0)
     model = models.build_model(small_cfg(root, 'mlcmr')).eval()     # eval: BatchNorm/dropout batch-independent

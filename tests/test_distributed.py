@@ -1,4 +1,4 @@
-"""util/distributed.py: single-process no-ops, device resolution, and a real 2-process gloo group."""
+"""basic/distributed.py: single-process no-ops, device resolution, and a real 2-process gloo group."""
 import json
 import os
 import socket
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from util import distributed as dist
+from basic import distributed as dist
 
 TORCHRUN_VARS = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 

@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip('matplotlib')
 
 import model  # noqa: E402
+from nets import nrccr  # noqa: E402
 from util import draw_framework as fw  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,8 +79,8 @@ def test_dims_equal_the_modules_of_an_independently_built_model():
 def test_discriminator_chains():
     for kind, expected in (('weak', ['Linear 768→2']),
                            ('not-so-weak', ['Linear 768→256', 'Tanh', 'Linear 256→128', 'Tanh', 'Linear 128→2'])):
-        assert fw._layer_chain(model.Discriminator(768, kind)) == expected
-    assert fw._layer_chain(model.Discriminator(64, 'strong')) == ['Conv1d 64→128 k=1', '3× ResBlock 128',
+        assert fw._layer_chain(nrccr.Discriminator(768, kind)) == expected
+    assert fw._layer_chain(nrccr.Discriminator(64, 'strong')) == ['Conv1d 64→128 k=1', '3× ResBlock 128',
                                                                    'Linear 128→2']
 
 

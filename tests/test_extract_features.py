@@ -9,7 +9,7 @@ av = pytest.importorskip('av', reason='PyAV is optional (requirements-optional.t
 from basic.bigfile import BigFile                                   # noqa: E402
 from basic.video2frames import read_video2frames                    # noqa: E402
 from util import extract_features as ef                             # noqa: E402
-from util.clip_encoder import ClipImageEmbedder, save_tiny_clip     # noqa: E402
+from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip     # noqa: E402
 from util.make_demo_videos import COLOURS, write_video              # noqa: E402
 
 SECONDS, FPS = 3.0, 8          # 24 frames per video

@@ -10,7 +10,7 @@ from PIL import Image
 from basic.bigfile import BigFile
 from basic.errors import DataError
 from util import extract_image_features as ex
-from util.clip_encoder import ClipImageEmbedder, save_tiny_clip
+from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip
 
 
 @pytest.fixture(scope='module')
@@ -31,7 +31,7 @@ def make_images(folder, n, seed=0, size=(40, 30)):
 def direct_embeddings(model_dir, folder, ids):
     """The same vision tower + projection, called image by image through transformers directly."""
     from transformers import CLIPVisionModelWithProjection
-    from util.clip_encoder import load_image_processor
+    from basic.clip_encoder import load_image_processor
     model = CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
     processor = load_image_processor(model_dir)
     out = []
@@ -123,7 +123,7 @@ def test_other_model_in_same_folder_refused(tiny_clip, tmp_path):
 
 
 def test_cli_and_store_reads_output(tiny_clip, tmp_path, capsys):
-    from util.image_data import ImageStore
+    from basic.image_data import ImageStore
     images, out = str(tmp_path / 'img'), str(tmp_path / 'feat')
     ids = make_images(images, 3)
     ex.main(['--images', images, '--out', out, '--model', tiny_clip, '--device', 'cpu', '--workers', '0'])

@@ -20,8 +20,8 @@ import trainer
 from basic import paths
 from conftest import REPO, tiny_train_argv
 from test_model import mlcmr_batch, nrccr_batch, small_cfg
-from util import data_provider as dp
-from util import runs
+from basic import data_provider as dp
+from basic import runs
 
 
 def modules_after_import(statement):
@@ -40,16 +40,17 @@ def test_tester_does_not_import_trainer():
 
 def test_evaluation_does_not_import_the_data_layer():
     loaded = modules_after_import('import evaluation')
-    assert 'util.data_provider' not in loaded and 'trainer' not in loaded and 'tester' not in loaded
+    assert 'basic.data_provider' not in loaded and 'trainer' not in loaded and 'tester' not in loaded
 
 
-LOWER = ['model.py', 'loss.py', 'evaluation.py'] + [f'util/{n}' for n in sorted(os.listdir(REPO / 'util'))
-                                                  if n.endswith('.py')] + \
-    [f'basic/{n}' for n in sorted(os.listdir(REPO / 'basic')) if n.endswith('.py')]
+def _python_files(folder):
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / folder).rglob('*.py'))
 
 
-@pytest.mark.parametrize('name', LOWER)
-def test_lower_layers_never_import_the_clis(name):
+LOWER = ['model.py', 'loss.py', 'evaluation.py'] + _python_files('util') + _python_files('basic') + _python_files('nets')
+
+
+def _imported_roots(name):
     tree = ast.parse((REPO / name).read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -57,11 +58,42 @@ def test_lower_layers_never_import_the_clis(name):
             imported |= {a.name.split('.')[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split('.')[0])
-    assert not imported & {'trainer', 'tester', 'search'}, name
+    return imported
+
+
+# What each layer may import of the project (issue #17 item 2): basic/ is the library every program imports and
+# imports nothing of ours above it; the method (loss, evaluation, nets/, model.py) imports basic/ and itself;
+# util/ (what a person runs, and the search engine) may import anything but the command lines.
+PROJECT = {'basic', 'nets', 'util', 'model', 'loss', 'evaluation', 'trainer', 'tester', 'search'}
+ALLOWED = {'basic': {'basic'}, 'loss': set(), 'evaluation': {'basic', 'loss'},
+           'nets': {'basic', 'nets', 'loss', 'evaluation'}, 'model': {'basic', 'nets', 'loss', 'evaluation'}}
+
+
+@pytest.mark.parametrize('name', [n for n in LOWER if not n.startswith('util/')])
+def test_library_and_method_import_only_below_them(name):
+    layer = name.split('/')[0].removesuffix('.py')
+    assert _imported_roots(name) & PROJECT <= ALLOWED[layer], name
+
+
+def test_util_holds_tools_and_basic_the_library():
+    """A tool is a script a person runs (it has a __main__ block); the only library module left in util/ is the
+    search engine (searcher.py, with the page that serves it), imported by search.py."""
+    engines = {'util/searcher.py', 'util/search_page.py'}
+    for name in _python_files('util'):
+        if name.endswith('__init__.py') or name in engines:
+            continue
+        assert "__name__ == '__main__'" in (REPO / name).read_text(), f'{name} is no tool: move it to basic/'
+    for name in _python_files('basic'):
+        assert "__name__ == '__main__'" not in (REPO / name).read_text() or name == 'basic/video2frames.py', name
+
+
+@pytest.mark.parametrize('name', LOWER)
+def test_lower_layers_never_import_the_clis(name):
+    assert not _imported_roots(name) & {'trainer', 'tester', 'search'}, name
 
 
 def test_shared_pieces_live_in_the_lower_layers():
-    from util import precision, training
+    from basic import precision, training
     assert runs.bool_flag('on') is True and runs.bool_flag('0') is False
     assert precision.autocast_factory('off', torch.device('cpu')) is contextlib.nullcontext
     assert inspect.signature(dp.EvalData).parameters.keys() >= {'rootpath', 'data_cfg', 'split'}
@@ -134,7 +166,7 @@ def old_order_step(model, batch, opts, clip):
 
 @pytest.mark.parametrize('name', ['nrccr', 'mlcmr'])
 def test_train_step_is_bit_identical_to_the_old_order(toy_root, name):
-    from util.training import train_step
+    from basic.training import train_step
     torch.manual_seed(0)
     cfg = small_cfg(toy_root, name, **({'disc_type': 'strong'} if name == 'nrccr' else {}))
     a = models.build_model(cfg).train()
@@ -228,7 +260,7 @@ def string_literals(path):
             and isinstance(n.value, str)}
 
 
-@pytest.mark.parametrize('name', ['model.py', 'util/data_provider.py', 'tester.py', 'trainer.py'])
+@pytest.mark.parametrize('name', ['model.py', 'basic/data_provider.py', 'tester.py', 'trainer.py'])
 def test_caption_roles_are_named_constants(name):
     assert not string_literals(REPO / name) & {'src', 'tr', 'bt', 'primary', 'second', 'half', '_masked'}
     assert (paths.ROLE_SRC, paths.ROLE_TR, paths.ROLE_BT, paths.ROLE_PRIMARY, paths.ROLE_SECOND) == \

@@ -10,8 +10,8 @@ import pytest
 from basic import paths
 from basic.bigfile import write_bigfile
 from basic.errors import DataError
-from util import data_provider as dp
-from util import image_data as idata
+from basic import data_provider as dp
+from basic import image_data as idata
 from util.format_check import main as format_check
 from util.make_toy_data import build_image_vocab, make_toy_image_collection
 

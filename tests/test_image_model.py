@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import model as models
+from nets import nrccr
 
 
 def image_cfg(root, encoder, feat_dim, **overrides):
@@ -34,11 +35,11 @@ def stream(B, L, vocab=150, seed=0):
 def test_encoder_formulas():
     torch.manual_seed(0)
     x = torch.randn(5, 12)
-    resnet = models.ImageFeatureEncoder(12)
+    resnet = nrccr.ImageFeatureEncoder(12)
     assert resnet.out_dim == 12
     torch.testing.assert_close(resnet(x.unsqueeze(1), torch.ones(5, 1)),
                                torch.clamp(x @ resnet.proj.weight.T + resnet.proj.bias, min=0))
-    clip = models.ClipEmbeddingEncoder(12, 20)
+    clip = nrccr.ClipEmbeddingEncoder(12, 20)
     assert clip.out_dim == 20
     y = clip(x.unsqueeze(1), torch.ones(5, 1))
     torch.testing.assert_close(y, x @ clip.proj.weight.T + clip.proj.bias)
@@ -52,10 +53,10 @@ def test_nrccr_image_model_sizes(toy_root):
     clip = models.build_model(image_cfg(toy_root, 'clip', 16))
     assert clip.video_encoder.proj.in_features == 16 and clip.video_mapping.fc1.in_features == 40   # video_hidden_size
     video = models.build_model(image_cfg(toy_root, 'transformer', 16))
-    assert isinstance(video.video_encoder, models.VideoTransformerEncoder)
+    assert isinstance(video.video_encoder, nrccr.VideoTransformerEncoder)
     legacy_cfg = image_cfg(toy_root, 'transformer', 16)
     del legacy_cfg['visual_encoder']                           # a checkpoint written before image support
-    assert isinstance(models.build_model(legacy_cfg).video_encoder, models.VideoTransformerEncoder)
+    assert isinstance(models.build_model(legacy_cfg).video_encoder, nrccr.VideoTransformerEncoder)
     with pytest.raises(ValueError, match='unknown visual_encoder'):
         models.build_model(image_cfg(toy_root, 'vit', 16))
 
@@ -91,7 +92,7 @@ def test_cached_clip_embeddings_equal_the_original_per_step_clip(toy_root, tmp_p
     leaf, so nothing flows back into CLIP. The loss and every gradient are the same as with embeddings computed
     once and fed as features."""
     from transformers import CLIPVisionModelWithProjection
-    from util.clip_encoder import save_tiny_clip
+    from basic.clip_encoder import save_tiny_clip
     clip = CLIPVisionModelWithProjection.from_pretrained(save_tiny_clip(str(tmp_path / 'clip'))).eval()
     torch.manual_seed(0)
     m = models.build_model(image_cfg(toy_root, 'clip', clip.config.projection_dim))

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import model as models
+from nets import legacy, nrccr
 import tester
 import trainer
 from basic import paths
 from conftest import REPO
-from util import checkpoint as ckpt
-from util import data_provider as dp
-from util import runs
+from basic import checkpoint as ckpt
+from basic import data_provider as dp
+from basic import runs
 from util.make_toy_data import make_toy_image_collection
 
 TINY_IMG = dict(n_train=20, n_val=6, n_test=8, captions_per_image=2, dim=24, bert_hidden=32, bert_layers=4, seed=0)
@@ -98,7 +99,7 @@ def test_resnet_encoder_task_and_cleaning_reach_the_configs(img_root):
     assert saved['model_cfg']['visual_encoder'] == 'resnet'
     assert (saved['data_cfg']['img_encoder'], saved['data_cfg']['clean_eval']) == ('resnet_152', 'en')
     model, _ = models.load_model(os.path.join(out['run_dir'], 'model_best.pth.tar'))
-    assert isinstance(model.video_encoder, models.ImageFeatureEncoder)
+    assert isinstance(model.video_encoder, nrccr.ImageFeatureEncoder)
     assert model.video_mapping.fc1.in_features == TINY_IMG['dim']
 
 
@@ -206,7 +207,7 @@ def test_extracted_clip_features_are_read_by_the_trainer(img_root, tmp_path):
     from PIL import Image
     from basic.bigfile import BigFile
     from util import extract_image_features as ex
-    from util.clip_encoder import save_tiny_clip
+    from basic.clip_encoder import save_tiny_clip
     root = copy_root(img_root, tmp_path)
     ids = []
     for split in paths.SPLITS:
@@ -285,24 +286,24 @@ def test_original_resnet_image_checkpoint_and_inferred_kinds(img_root):
     bert = os.path.join(img_root, 'tiny_bert_img')
     torch.manual_seed(0)
     resnet = models.build_model(image_cfg(img_root, 'resnet', 24, bert_name=bert, text_hidden_size=32))
-    cfg, state = models.convert_legacy_nrccr({'model': release_image_parts(resnet, clip_keys=False),
+    cfg, state = legacy.convert_legacy_nrccr({'model': release_image_parts(resnet, clip_keys=False),
                                               'opt': vars(release_opt(img_encoder='resnet_152'))}, bert)
     assert (cfg['visual_encoder'], cfg['visual_feat_dim']) == ('resnet', 24)
     assert not any(k.startswith('video_encoder.encoder.') for k in state)
     # options without img_encoder / model_type: the kind comes from the weights
     no_kind = {k: v for k, v in vars(release_opt()).items() if k not in ('img_encoder', 'model_type')}
-    cfg, _ = models.convert_legacy_nrccr({'model': release_image_parts(resnet, clip_keys=False), 'opt': no_kind}, bert)
+    cfg, _ = legacy.convert_legacy_nrccr({'model': release_image_parts(resnet, clip_keys=False), 'opt': no_kind}, bert)
     assert cfg['visual_encoder'] == 'resnet'
     clip = models.build_model(image_cfg(img_root, 'clip', 24, bert_name=bert, text_hidden_size=32))
     for with_keys in (True, False):
-        cfg, state = models.convert_legacy_nrccr({'model': release_image_parts(clip, clip_keys=with_keys),
+        cfg, state = legacy.convert_legacy_nrccr({'model': release_image_parts(clip, clip_keys=with_keys),
                                                   'opt': no_kind}, bert)
         assert (cfg['visual_encoder'], cfg['visual_feat_dim'], cfg['video_hidden_size']) == ('clip', 24, 40)
         m = models.build_model(cfg)
         assert m.load_state_dict(state, strict=True)
     from basic.errors import DataError
     with pytest.raises(DataError, match='weights and options disagree'):
-        models.convert_legacy_nrccr({'model': release_image_parts(clip), 'opt': vars(release_opt(img_encoder='resnet'))},
+        legacy.convert_legacy_nrccr({'model': release_image_parts(clip), 'opt': vars(release_opt(img_encoder='resnet'))},
                                     bert)
 
 

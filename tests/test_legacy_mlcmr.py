@@ -15,7 +15,7 @@ import torch
 import model as models
 from basic.errors import DataError
 from test_model import fake_stream, fake_video, nrccr_batch, small_cfg, to_release_format
-from util import checkpoint as ckpt
+from basic import checkpoint as ckpt
 
 
 def to_mlcmr_release_format(model, wrapped=False):

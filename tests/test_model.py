@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import model as models
-from util import checkpoint as ckpt
+from nets import common, nrccr
+from basic import checkpoint as ckpt
 
 
 def small_cfg(root, name, **overrides):
@@ -54,7 +55,7 @@ def nrccr_batch(B=6):
 def test_attention_block_matches_hand_formula():
     """One head, H=4, key size 4: scores Q K^T / sqrt(H/h), additive mask, residual + LayerNorm."""
     torch.manual_seed(0)
-    block = models.AttentionBlock(hidden=4, heads=1, key_size=4, dropout=0.0).eval()
+    block = nrccr.AttentionBlock(hidden=4, heads=1, key_size=4, dropout=0.0).eval()
     x = torch.randn(1, 3, 4)
     m = torch.tensor([[1.0, 1.0, 0.0]])
     q, k, v = block.self.query(x), block.self.key(x), block.self.value(x)
@@ -67,22 +68,22 @@ def test_attention_block_matches_hand_formula():
 
 
 def test_attention_scale_switch():
-    parity = models.AttentionBlock(hidden=768, heads=8)
-    clean = models.AttentionBlock(hidden=768, heads=8, scale_by_key=True)
+    parity = nrccr.AttentionBlock(hidden=768, heads=8)
+    clean = nrccr.AttentionBlock(hidden=768, heads=8, scale_by_key=True)
     assert parity.scale == pytest.approx(1 / math.sqrt(96)) and clean.scale == pytest.approx(1 / math.sqrt(64))
 
 
 def test_pooling_parity_and_masked():
     x = torch.tensor([[[1.0], [3.0], [0.0], [0.0]]])
     m = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
-    assert models.pool(x, m, masked=False).item() == pytest.approx(1.0)    # (1+3+0+0)/4, padding included
-    assert models.pool(x, m, masked=True).item() == pytest.approx(2.0)
+    assert common.pool(x, m, masked=False).item() == pytest.approx(1.0)    # (1+3+0+0)/4, padding included
+    assert common.pool(x, m, masked=True).item() == pytest.approx(2.0)
 
 
 def test_resblock_residual_switch():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5)
-    parity, clean = models.ResBlock(4, True), models.ResBlock(4, False)
+    parity, clean = nrccr.ResBlock(4, True), nrccr.ResBlock(4, False)
     clean.load_state_dict(parity.state_dict())
     body = 0.3 * parity.conv2(torch.relu(parity.conv1(torch.relu(x))))
     assert torch.allclose(parity(x), torch.relu(x) + body, atol=1e-6)
@@ -91,7 +92,7 @@ def test_resblock_residual_switch():
 
 def test_mfc_is_unit_norm_and_xavier_init():
     torch.manual_seed(0)
-    mfc = models.MFC(100, 50)
+    mfc = common.MFC(100, 50)
     bound = math.sqrt(6 / 150)
     assert mfc.fc1.weight.abs().max() <= bound and torch.all(mfc.fc1.bias == 0)
     out = mfc(torch.randn(8, 100))
@@ -100,7 +101,7 @@ def test_mfc_is_unit_norm_and_xavier_init():
 
 @pytest.mark.parametrize('kind', ['weak', 'not-so-weak', 'strong'])
 def test_discriminator_kinds(kind):
-    d = models.Discriminator(32, kind)
+    d = nrccr.Discriminator(32, kind)
     assert d(torch.randn(3, 5, 32), torch.ones(3, 5)).shape == (3, 2)
 
 
@@ -132,11 +133,11 @@ def test_nrccr_training_step_shapes_and_frozen_layers(toy_root):
 
 def test_layer_list_matches_exact_indices(toy_root):
     """The reference's substring test would let 'layer.1' select layers 10 and 11 too."""
-    bert = models.load_pretrained_bert(os.path.join(toy_root, 'tiny_bert'))
-    models.set_bert_trainable(bert, 'frozen', ['layer.1'])
+    bert = common.load_pretrained_bert(os.path.join(toy_root, 'tiny_bert'))
+    common.set_bert_trainable(bert, 'frozen', ['layer.1'])
     trained = {n.split('.')[2] for n, p in bert.named_parameters() if p.requires_grad}
     assert trained == {'1'}
-    models.set_bert_trainable(bert, 'all_frozen', ['layer.1'])
+    common.set_bert_trainable(bert, 'all_frozen', ['layer.1'])
     assert not any(p.requires_grad for p in bert.parameters())
 
 
@@ -280,5 +281,5 @@ def test_our_checkpoint_round_trip(toy_root, tmp_path):
 def test_unknown_bert_folder_is_one_line_error(tmp_path):
     from basic.errors import DataError
     with pytest.raises(DataError, match='no BERT folder') as e:
-        models.load_pretrained_bert(str(tmp_path / 'nope'))
+        common.load_pretrained_bert(str(tmp_path / 'nope'))
     assert '\n' not in str(e.value)

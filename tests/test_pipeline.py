@@ -86,7 +86,7 @@ def test_other_configuration_gets_its_own_directory(finished_run, toy_root):
     args_a = trainer.finalize_args(trainer.get_args_parser().parse_args(tiny_train_argv(toy_root, 'A')))
     args_b = trainer.finalize_args(trainer.get_args_parser().parse_args(
         tiny_train_argv(toy_root, 'A', '--tri_alpha', '0.5')))
-    from util import runs
+    from basic import runs
     assert runs.run_dir(args_a) != runs.run_dir(args_b)
 
 

@@ -1,4 +1,4 @@
-"""util/precision.py: --amp auto picks bf16 only where the hardware has it, an explicit bf16 without it is
+"""basic/precision.py: --amp auto picks bf16 only where the hardware has it, an explicit bf16 without it is
 refused in one line, and the autocast context does what its precision says."""
 import contextlib
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from basic.errors import DataError
-from util import precision
+from basic import precision
 
 CPU = torch.device('cpu')
 CUDA = torch.device('cuda', 0)      # a device object only: nothing runs on it here

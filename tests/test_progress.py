@@ -1,4 +1,4 @@
-"""util/progress.py: off a terminal, progress becomes log lines (first step, every N steps or T seconds, the
+"""basic/progress.py: off a terminal, progress becomes log lines (first step, every N steps or T seconds, the
 end) with the loop's numbers; on a terminal it is a tqdm bar and no log lines. Time is a fake clock."""
 import io
 import logging
@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from util import progress as P
+from basic import progress as P
 
 
 class Clock:

@@ -12,7 +12,7 @@ from basic.bigfile import BigFile, write_bigfile
 from basic.captions import read_captions
 from basic.errors import DataError
 from conftest import tiny_train_argv
-from util import data_provider as dp
+from basic import data_provider as dp
 
 FEATURE = 'toy_feature'
 

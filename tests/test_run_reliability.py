@@ -13,8 +13,8 @@ import torch
 import tester
 import trainer
 from conftest import REPO, interrupt_after_epochs, tiny_train_argv
-from util import checkpoint as ckpt
-from util import runs
+from basic import checkpoint as ckpt
+from basic import runs
 
 TIMING = ('seconds', 'samples_per_s')
 

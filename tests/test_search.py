@@ -230,7 +230,7 @@ def test_videos_to_search_results(tmp_path, capsys):
 
 
 def test_bench_search_quick_smoke():
-    from util import bench_search
+    from util.bench import search as bench_search
     rows = bench_search.run(quick=True, indexes=('exact',), log=lambda *_: None)
     names = [r[0] for r in rows]
     assert names == ['index_videos_per_s', 'query_tokenise', 'query_bert', 'query_text_encoder',

@@ -16,7 +16,7 @@ with random weights built from a config dict. Sections:
   data   BigFile.read of 64 random frame ids (rows/s); TrainDataset + collate of one batch of 128 on one thread
          (median ms; target < 50 ms); DataLoader samples/s with 0 and 2 workers. The features were just written,
          so the page cache is warm: these are memory speeds, not disk speeds.
-  train  samples/s of the trainer's step, util/training.py train_step (to device -> forward -> the NRCCR
+  train  samples/s of the trainer's step, basic/training.py train_step (to device -> forward -> the NRCCR
          discriminator step -> training_loss -> backward -> clip -> step),
          median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder,
          in each precision of --amps (auto: fp32, plus bf16 where the device has it natively), side by side.
@@ -24,13 +24,13 @@ with random weights built from a config dict. Sections:
          matrix products of one whole step (forward, backward, the NRCCR discriminator step), counted with
          torch.utils.flop_counter.FlopCounterMode, per sample, times samples/s, over the peak of the precision.
   encode evaluation.encode_texts over a VATEX-size test split (15,000 captions x 2 streams, 'small' encoder,
-         masked pooling) in file-order batches and in length buckets (util/bucketing.py), with the padded
+         masked pooling) in file-order batches and in length buckets (basic/bucketing.py), with the padded
          share, FLOPs per caption and MFU; then encode_videos of the synthetic collection, FLOPs per video.
-  eval   util.bench_metrics.run against gallery size; 15,000 x 1,500 also on one thread (target < 2 s). A size
+  eval   util.bench.metrics.run against gallery size; 15,000 x 1,500 also on one thread (target < 2 s). A size
          predicted (from the previous one, work ~ captions x videos) to exceed --eval_budget is skipped and noted.
-  image  util/bench_image.py: samples/s of the NRCCR image training step with cached CLIP features vs a CLIP
+  image  util/bench/image.py: samples/s of the NRCCR image training step with cached CLIP features vs a CLIP
          forward per batch (ViT-B/32 and a bert-base-sized encoder; --quick: tiny ones), per device.
-  search util/bench_search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
+  search util/bench/search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
          10k and 100k videos (--quick: tiny), per device.
   --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
          the top ops by self time, printed and stored.
@@ -53,16 +53,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluation                                            # noqa: E402
 import model as models                                       # noqa: E402
+from nets import common  # noqa: E402
 from basic.bigfile import BigFileWriter                      # noqa: E402
-from util import bench_image                                 # noqa: E402
-from util import bench_metrics                               # noqa: E402
-from util import bench_search                                # noqa: E402
-from util import bucketing                                   # noqa: E402
-from util import data_provider as dp                         # noqa: E402
-from util import precision                                   # noqa: E402
+from util.bench import image as bench_image                                 # noqa: E402
+from util.bench import metrics as bench_metrics                               # noqa: E402
+from util.bench import search as bench_search                                # noqa: E402
+from basic import bucketing                                   # noqa: E402
+from basic import data_provider as dp                         # noqa: E402
+from basic import precision                                   # noqa: E402
 from util.make_toy_data import build_vocab                   # noqa: E402
-from util.training import train_step                         # noqa: E402
-from util.runs import git_state                              # noqa: E402
+from basic.training import train_step                         # noqa: E402
+from basic.runs import git_state                              # noqa: E402
 
 SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search')
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
@@ -362,7 +363,7 @@ def trainable_layers(model_name, num_layers):
 def build(model_name, encoder, dim, **overrides):
     """The model with random weights; the BERT comes from its config dict (no folder, no download)."""
     from transformers import BertConfig
-    models.quiet_transformers()
+    common.quiet_transformers()
     bert = BertConfig(max_position_embeddings=512, **ENCODERS[encoder]).to_dict()
     cfg = models.model_config(model_name, bert_config=bert, visual_feat_dim=dim,
                               trainable_layers=trainable_layers(model_name, ENCODERS[encoder]['num_hidden_layers']),
@@ -372,7 +373,7 @@ def build(model_name, encoder, dim, **overrides):
 
 def train_amps(device, spec):
     """Precisions the train and encode sections run on `device`: --amps auto = fp32, plus bf16 where the
-    device multiplies bf16 natively (util/precision.py); otherwise the listed ones."""
+    device multiplies bf16 natively (basic/precision.py); otherwise the listed ones."""
     if spec != 'auto':
         return [a.strip() for a in spec.split(',') if a.strip()]
     return ['off', 'bf16'] if precision.bf16_support(device)[0] else ['off']
@@ -419,7 +420,7 @@ LEARNING_RATE, DISC_LEARNING_RATE, GRAD_CLIP = 1e-4, 1e-3, 2.0
 
 class TrainSetup:
     """A model and what its training step needs, built as trainer.py builds them; `step` is the trainer's
-    step (util/training.py train_step: forward, the NRCCR discriminator step, loss, backward, clip, step),
+    step (basic/training.py train_step: forward, the NRCCR discriminator step, loss, backward, clip, step),
     with the trainer's non-finite check (per step on a CPU, none inside the step on a GPU)."""
 
     def __init__(self, name, encoder, dim, overrides, device, amp):
@@ -540,7 +541,7 @@ def paired_caption_table(num_captions, vocab_size, seed=3):
 
 def bench_encode(data, sizes, device, amp, peaks):
     """Caption encoding of a VATEX-size test split (15,000 captions x 2 streams) with masked pooling, in
-    file-order batches and in length-bucketed ones (util/bucketing.py): seconds, captions/s, padded share,
+    file-order batches and in length-bucketed ones (basic/bucketing.py): seconds, captions/s, padded share,
     FLOPs per caption and MFU; the two must give the same embeddings (max difference reported). Then the
     video encoding of the synthetic collection (file order) with its FLOPs per video."""
     rows = []
@@ -608,7 +609,7 @@ def _timed(fn, device):
 # ============ evaluation ============
 
 def bench_eval(sizes, device, budget_s, notes):
-    """util.bench_metrics rows, smallest gallery first; a size predicted over `budget_s` is skipped."""
+    """util.bench.metrics rows, smallest gallery first; a size predicted over `budget_s` is skipped."""
     rows = []
     if device.type == 'cpu':
         with num_threads(1):
@@ -643,7 +644,7 @@ def _print_eval(r):
 # ============ image, search ============
 
 def bench_search_rows(devices, quick, indexes):
-    """util/bench_search.py rows of each device as dicts {device, name, value, unit, note}."""
+    """util/bench/search.py rows of each device as dicts {device, name, value, unit, note}."""
     rows = []
     indexes = tuple(i.strip() for i in indexes.split(',') if i.strip())
     for device in devices:

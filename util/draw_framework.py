@@ -24,11 +24,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import model  # noqa: E402
+from nets import nrccr  # noqa: E402
 from basic import paths  # noqa: E402
-from util.data_provider import FRAME_DROP_RATIO, MASK_RATIO  # noqa: E402
+from basic.data_provider import FRAME_DROP_RATIO, MASK_RATIO  # noqa: E402
 
 MISSING_MATPLOTLIB = 'pip install matplotlib to redraw framework.png'
-FOOTER = 'drawn by util/draw_framework.py from the modules built by model.py'
+FOOTER = 'drawn by util/draw_framework.py from the modules built by model.py (nets/)'
 
 
 # ============ models and the labels derived from them ============
@@ -56,7 +57,7 @@ def _layer_chain(module):
         if skip:                            # a ResBlock's own convolutions are part of it, not stages
             skip -= 1
             continue
-        if isinstance(m, model.ResBlock):
+        if isinstance(m, nrccr.ResBlock):
             chain.append(f'ResBlock {m.conv1.in_channels}')
             skip = sum(1 for _ in m.modules()) - 1
         elif isinstance(m, nn.Linear):

@@ -6,7 +6,7 @@
 Each video (`.mp4 .avi .mkv .mov .webm .m4v .mpg .mpeg .flv .wmv`, directly inside --videos; id = file name
 without extension) is decoded with PyAV (`pip install av`), frames are sampled at --fps (the first frame, then
 the first frame at or after every 1/fps seconds), and each frame is embedded with the CLIP vision tower and its
-projection (util/clip_encoder.py; `--model` is a hub id or a local folder). The folder written is the one of
+projection (basic/clip_encoder.py; `--model` is a hub id or a local folder). The folder written is the one of
 util/import_features.py: feature.bin / id.txt / shape.txt with frame ids `<video>_<i>`, and video2frames.txt.
 
 Resumable: every finished video is first written, atomically, as its own shard `OUT/.shards/<video>.npy`; the
@@ -38,7 +38,7 @@ from basic.bigfile import FILES, BigFile, BigFileWriter      # noqa: E402
 from basic.errors import DataError                           # noqa: E402
 from basic.video2frames import FILENAME as V2F_FILENAME      # noqa: E402
 from basic.video2frames import load_video2frames, write_video2frames  # noqa: E402
-from util.clip_encoder import DEFAULT_CLIP                   # noqa: E402
+from basic.clip_encoder import DEFAULT_CLIP                   # noqa: E402
 from util.import_features import check_video_id              # noqa: E402
 
 VIDEO_EXTS = ('.mp4', '.avi', '.mkv', '.mov', '.webm', '.m4v', '.mpg', '.mpeg', '.flv', '.wmv')
@@ -145,7 +145,7 @@ def extract(args, log=print):
         raise DataError(f'{args.out}: holds a feature folder not made by extract_features.py; choose another --out '
                         'or pass --overwrite 1')
 
-    from util.clip_encoder import ClipImageEmbedder
+    from basic.clip_encoder import ClipImageEmbedder
     embedder = ClipImageEmbedder(args.model, device=args.device)
     settings = _settings(args, embedder.dim)
     if old_settings is not None and old_settings != settings:

@@ -27,7 +27,7 @@ if __package__ in (None, ''):          # run as `python util/extract_image_featu
 
 from basic.bigfile import BigFile, BigFileWriter          # noqa: E402
 from basic.errors import DataError                        # noqa: E402
-from util.clip_encoder import DEFAULT_CLIP                # noqa: E402
+from basic.clip_encoder import DEFAULT_CLIP                # noqa: E402
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 CHUNK_DIR = '.chunks'
@@ -53,7 +53,7 @@ def wanted_ids(images, id_files):
     """(ids to extract in order, ids listed but without an image file). Without id files: every image."""
     if not id_files:
         return list(images), []
-    from util.image_data import read_image_ids
+    from basic.image_data import read_image_ids
     ids = list(dict.fromkeys(i for f in id_files for i in read_image_ids(f)))
     return [i for i in ids if i in images], [i for i in ids if i not in images]
 
@@ -186,7 +186,7 @@ def extract(images_dir, out_dir, model=DEFAULT_CLIP, batch_size=64, device='cpu'
     extracted, skipped_done, unreadable (list of (id, reason)), missing (ids without an image file), rows."""
     import torch
     from tqdm import tqdm
-    from util.clip_encoder import ClipImageEmbedder
+    from basic.clip_encoder import ClipImageEmbedder
 
     images = list_images(images_dir)
     ids, missing = wanted_ids(images, id_files)

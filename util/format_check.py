@@ -199,7 +199,7 @@ def image_caption_configs(collection, data_types, tasks):
 def check_image_features(report, rootpath, collection, feature, data_types, dims):
     """Feature store of every (split, language): a BigFile (split id files optional) or id file + .npy.
     Returns {(split, data_type): ImageStore or None}."""
-    from util.image_data import ImageStore, has_bigfile, read_image_ids
+    from basic.image_data import ImageStore, has_bigfile, read_image_ids
     fdir = paths.feature_dir(rootpath, collection, feature)
     bigfile = check_features(report, fdir, dims) if has_bigfile(fdir) else None
     stores, seen = {}, {}

@@ -37,7 +37,7 @@ step() {   # step NAME LOGFILE COMMAND...: run, keep the log, remember the exit 
 { nvidia-smi 2>/dev/null || echo 'nvidia-smi not found'; } >"$OUT/nvidia_smi.txt"
 "$PYTHON" - >"$OUT/machine.json" <<'EOF'
 import json, torch
-from util.precision import bf16_support
+from basic.precision import bf16_support
 d = torch.device('cuda')
 p = torch.cuda.get_device_properties(d)
 print(json.dumps({'gpu': p.name, 'memory_gib': round(p.total_memory / 2 ** 30, 1), 'capability': f'{p.major}.{p.minor}',

@@ -7,7 +7,7 @@ writes (nothing is downloaded; needs PyAV, `pip install av`)
     demo/video_colours.txt              video id, split and colour of each video (to check search results)
     demo/colours/TextData/*.caption.txt captions naming the colour in English and Chinese, in the naming of
                                         docs/data.md ('Captions'): train / val / test splits, for NRCCR and MLCMR
-    demo/tiny_clip/                     a tiny random CLIP vision model (util/clip_encoder.save_tiny_clip)
+    demo/tiny_clip/                     a tiny random CLIP vision model (basic/clip_encoder.save_tiny_clip)
     demo/tiny_bert/                     the tiny random BERT of the toy collection (its vocabulary holds the colours)
 
 The colours are six of the toy lexicon (util/make_toy_data.py); each colour has `--per_colour` videos, split
@@ -87,7 +87,7 @@ def write_captions(text_dir, videos, collection=COLLECTION, captions_per_video=3
 
 def make_demo(root, per_colour=8, seconds=3.0, fps=8, size=48, seed=0, collection=COLLECTION):
     """Write the demo under `root`; returns a dict of its paths and the plan [(video id, split, colour)]."""
-    from util.clip_encoder import save_tiny_clip
+    from basic.clip_encoder import save_tiny_clip
     from util.make_toy_data import write_tiny_bert
     videos = plan(per_colour, seed)
     video_dir = os.path.join(root, 'videos')

@@ -13,7 +13,7 @@ output, float32), `video_ids.txt`, `meta.json` and any FAISS index built on it. 
 (absolute path, size, mtime) of the checkpoint, of feature.bin / id.txt / video2frames.txt, of the split's caption
 file, and the batch size and frame sampling: change any of them and the gallery is encoded again.
 
-Queries. Any language the text encoder reads. Tokenised as the data layer does (util/data_provider
+Queries. Any language the text encoder reads. Tokenised as the data layer does (basic/data_provider
 .build_tokenizer with the checkpoint's lower-casing rule, then .tokenize: `[CLS] ... [SEP]`, no truncation) and
 encoded in batches of `batch_size` in the given order. Text rule (`clean`): a query is used as typed by default
 ('raw', as the human target-language captions are); 'en' applies the English caption cleaning
@@ -60,7 +60,7 @@ ones in the 7th digit), others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate a
 videos. With a second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with
 the min-max ranges taken over the candidates (an approximation of the full-matrix ranges).
 
-Speed (util/bench_search.py, docs/search.md 'Large galleries'): `encode` runs under torch.inference_mode in
+Speed (util/bench/search.py, docs/search.md 'Large galleries'): `encode` runs under torch.inference_mode in
 one batch per call; `amp` ('bf16' / 'fp16') autocasts the text encoder only when asked (scores change
 slightly; the gallery is always encoded in float32).
 """
@@ -78,8 +78,8 @@ import model as models
 from basic import paths
 from basic.captions import clean_english
 from basic.errors import DataError
-from util import data_provider as dp
-from util.precision import autocast_factory
+from basic import data_provider as dp
+from basic.precision import autocast_factory
 
 logger = logging.getLogger(__name__)
 

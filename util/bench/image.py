@@ -1,8 +1,8 @@
 """Benchmark of the NRCCR image training step: cached CLIP embeddings vs the original's CLIP forward per batch.
 
-    python util/bench_image.py                        # CPU (and CUDA when present), ViT-B/32 + bert-base sized
-    python util/bench_image.py --device cuda --out bench_image.json
-    python util/bench_image.py --quick                # tiny CLIP and BERT, seconds (the smoke test)
+    python util/bench/image.py                        # CPU (and CUDA when present), ViT-B/32 + bert-base sized
+    python util/bench/image.py --device cuda --out bench_image.json
+    python util/bench/image.py --quick                # tiny CLIP and BERT, seconds (the smoke test)
 
 Both paths run the same training step (to device -> forward -> training_loss with its discriminator step ->
 backward -> gradient clipping -> Adam step) of the same model on the same batches; the per-step path first runs
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 if __package__ in (None, ''):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import model as models                                        # noqa: E402
+from nets import common  # noqa: E402
 
 CLIP_CONFIGS = {
     'ViT-B/32': dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -48,7 +49,7 @@ CAPTION_TOKENS = (10, 30)           # word pieces per caption, [CLS] and [SEP] e
 def build_models(sizes, device, seed=0):
     """(CLIP vision tower with projection, NRCCR with the CLIP image encoder), random weights, on `device`."""
     from transformers import BertConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
-    models.quiet_transformers()
+    common.quiet_transformers()
     torch.manual_seed(seed)
     clip_cfg = CLIP_CONFIGS[sizes['clip']]
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_cfg)).to(device).eval()

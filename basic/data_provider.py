@@ -27,9 +27,9 @@ from basic.bigfile import BigFile
 from basic.captions import clean_english, pair_captions, read_captions, video_order
 from basic.errors import DataError
 from basic.video2frames import load_video2frames
-from util import checkpoint as ckpt
-from util import image_data
-from util.batching import collate, collate_ids, collate_video, move_to  # noqa: F401  (re-exported)
+from basic import checkpoint as ckpt
+from basic import image_data
+from basic.batching import collate, collate_ids, collate_video, move_to  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class TextDataset(Dataset):
         return {'index': i, 'text': {role: toks[i] for role, toks in self.table.tokens.items()}}
 
 
-# ============ collate (util/batching.py, shared with the evaluation loops) ============
+# ============ collate (basic/batching.py, shared with the evaluation loops) ============
 
 def _seed_worker(worker_id):
     seed = torch.initial_seed() % 2 ** 32

@@ -1,8 +1,8 @@
 """Timing of the exact retrieval metrics (evaluation.compute_metrics*, docs/evaluation.md). Prints; asserts nothing.
 
-    python util/bench_metrics.py                                   # CPU; adds CUDA sizes when a GPU is present
-    python util/bench_metrics.py --device cuda --sizes 1000000x100000 --dim 512
-    python util/bench_metrics.py --json bench_metrics.json
+    python util/bench/metrics.py                                   # CPU; adds CUDA sizes when a GPU is present
+    python util/bench/metrics.py --device cuda --sizes 1000000x100000 --dim 512
+    python util/bench/metrics.py --json bench_metrics.json
 
 Galleries are synthetic: unit-norm random video embeddings and N_c / N_v captions per video, each its video's
 embedding plus noise (so ranks spread like a trained model's), captions in shuffled order.
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from evaluation import compute_metrics, compute_metrics_from_embeddings  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Image collections (Multi-30K, MSCOCO, the toy `toyimg`) for NRCCR: feature stores and caption streams.
 
-An image is a one-frame video: `ImageStore` has the interface of `util.data_provider.FrameStore` (`dim`,
+An image is a one-frame video: `ImageStore` has the interface of `basic.data_provider.FrameStore` (`dim`,
 `path`, `check_videos(ids, source)`, `frames(id) -> (1, D) float32`), so the video datasets, collate and
 models serve images unchanged. Two feature layouts are read (docs/data.md, 'Image collections'):
 
@@ -10,7 +10,7 @@ models serve images unchanged. Two feature layouts are read (docs/data.md, 'Imag
     format), as written by `util/extract_image_features.py` and `util/txt2bin.py`. The split id lists are then
     optional: when present they must name images of the BigFile.
 
-The functions take the root folder and the run's data config (util/data_provider.py DATA_DEFAULTS); the keys
+The functions take the root folder and the run's data config (basic/data_provider.py DATA_DEFAULTS); the keys
 they read besides collection, visual_feature and strict:
 
     model_type    'img' for an image collection (the data layer dispatches on it)
@@ -19,7 +19,7 @@ they read besides collection, visual_feature and strict:
     img_encoder   'clip' or 'resnet_152' (which encoder, hence which default feature folder)
     clean_eval    'raw' (the original image code) or 'en' (clean the English MT, as the video variant does)
 
-The data layer (util/data_provider.py `open_store`, `train_table`, `eval_table`) calls the store and stream
+The data layer (basic/data_provider.py `open_store`, `train_table`, `eval_table`) calls the store and stream
 functions; this module does not import it.
 """
 import logging

@@ -31,7 +31,7 @@ def train_step(model, ddp_model, batch, optimizers, scaler, autocast, grad_clip,
     model: the unwrapped model (losses, optimiser groups); ddp_model: what runs the forward (the model
     itself, its DistributedDataParallel wrapper or a compiled version); optimizers: from
     `model.configure_optimizers`; scaler: a torch.amp.GradScaler (disabled for fp32/bf16); autocast: a
-    zero-argument context factory (util/precision.py); main_params: `model.main_parameters()`, passed in to
+    zero-argument context factory (basic/precision.py); main_params: `model.main_parameters()`, passed in to
     avoid rebuilding the list every step; check_finite: raise FloatingPointError on a non-finite loss before
     the backward pass (True), never (False), or where it costs no device synchronisation, i.e. on a CPU
     (None, the default)."""

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from util import checkpoint as ckpt
+from basic import checkpoint as ckpt
 
 logger = logging.getLogger('mlcmr')
 

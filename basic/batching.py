@@ -1,5 +1,5 @@
 """Batch assembly shared by the data loaders and the evaluation loops: collate items into the batch dicts
-described in util/data_provider.py, and move batches to a device. Only torch and numpy, so
+described in basic/data_provider.py, and move batches to a device. Only torch and numpy, so
 evaluation.py can use it without importing the data layer."""
 import numpy as np
 import torch

@@ -1,8 +1,8 @@
 """Benchmark of search: gallery indexing (videos/s) and query latency. Prints a table, returns rows; asserts nothing.
 
-    python util/bench_search.py                 # 10k and 100k videos, exact and FAISS, bert-base text encoder (CPU)
-    python util/bench_search.py --quick         # tiny sizes and encoder: seconds (the smoke test)
-    python util/bench_search.py --device cuda
+    python util/bench/search.py                 # 10k and 100k videos, exact and FAISS, bert-base text encoder (CPU)
+    python util/bench/search.py --quick         # tiny sizes and encoder: seconds (the smoke test)
+    python util/bench/search.py --device cuda
 
 Everything is synthetic and offline. Gallery: random unit embeddings of the model's joint-space size (1536, the
 papers' mapping size), so no gallery has to be encoded to time a search. Indexing: the NRCCR video side at the
@@ -33,14 +33,14 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import evaluation                                           # noqa: E402
 import model as models                                      # noqa: E402
 from basic.bigfile import BigFileWriter                     # noqa: E402
-from util import data_provider as dp                        # noqa: E402
+from basic import data_provider as dp                        # noqa: E402
 from util.make_toy_data import build_vocab                  # noqa: E402
-from util.precision import autocast_factory                 # noqa: E402
+from basic.precision import autocast_factory                 # noqa: E402
 from util.searcher import Searcher                          # noqa: E402
 
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
