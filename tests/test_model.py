@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import model as models
-from nets import common, nrccr
+from nets import common, mlcmr, nrccr
 from basic import checkpoint as ckpt
+from basic import precision
 
 
 def small_cfg(root, name, **overrides):
@@ -196,6 +197,71 @@ def test_mlcmr_video_encoder_levels(toy_root, concate, packed):
     assert feats.shape == (4, enc.out_dim)
     if concate == 'full':                   # the last D_v entries are the frame mean, untouched
         assert torch.equal(feats[:, -32:], video['mean'])
+
+
+def conv2d_level3(enc, states):
+    """The original's level 3, written independently: the masked GRU states as a one-channel image
+    (B, 1, L, 2*rnn), each Conv2d(1, K, (k, 2*rnn)), ReLU, max over the L + k - 1 positions."""
+    x = states.unsqueeze(1)
+    return torch.cat([torch.relu(conv(x)).squeeze(3).amax(dim=2) for conv in enc.convs], dim=1)
+
+
+def test_mlcmr_conv1d_form_matches_the_conv2d_form(toy_root):
+    """Level 3 runs as Conv1d over the GRU states with the Conv2d weights viewed (K, 2*rnn, k): outputs and
+    gradients (input, weights, biases) equal the original Conv2d form within float rounding (1e-5 relative),
+    on random states and weights; checkpoint keys and shapes stay the Conv2d ones."""
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr', visual_rnn_size=24, visual_kernel_num=16))
+    enc = model.video_encoder
+    assert [tuple(c.weight.shape) for c in enc.convs] == [(16, 1, k, 48) for k in (2, 3, 4, 5)]
+    for conv in enc.convs:                            # random biases too (they start near zero)
+        torch.nn.init.normal_(conv.bias)
+    states = torch.randn(5, 11, 48)
+    results = []
+    for form in ('conv1d', 'conv2d'):
+        x = states.clone().requires_grad_(True)
+        y = (torch.cat([torch.relu(mlcmr.conv1d(x.transpose(1, 2), c)).amax(dim=2) for c in enc.convs], dim=1)
+             if form == 'conv1d' else conv2d_level3(enc, x))
+        params = [p for c in enc.convs for p in (c.weight, c.bias)]
+        grads = torch.autograd.grad((y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum(), [x] + params)
+        results.append([y.detach(), *grads])
+    for new, ref in zip(*results):
+        assert new.shape == ref.shape
+        assert (new - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_mlcmr_encoder_equals_the_conv2d_form_end_to_end(toy_root):
+    """The whole video encoder (eval mode, padded videos) against the same encoder with level 3 recomputed
+    in the original Conv2d form from its own GRU states."""
+    torch.manual_seed(1)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr')).eval()
+    enc, video = model.video_encoder, fake_video(4, 7)
+    with torch.no_grad():
+        feats = enc(video)
+        out, _ = enc.rnn(video['frames'])
+        ref = conv2d_level3(enc, out * video['mask'].unsqueeze(-1))
+    g3 = feats[:, 32:32 + 4 * 8]
+    assert (g3 - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize('fp32_rnn', [True, False])
+def test_mlcmr_gru_precision_under_cpu_autocast(toy_root, fp32_rnn):
+    """docs/training.md, 'Mixed precision': on a CPU without a fast bf16 GRU the GRU runs in fp32 inside a
+    bf16 autocast (exactly the fp32 states); where bf16 is faster it stays under autocast (bf16 rounding)."""
+    torch.manual_seed(0)
+    enc = models.build_model(small_cfg(toy_root, 'mlcmr')).video_encoder
+    enc.cpu_rnn_fp32 = fp32_rnn
+    video = fake_video(3, 6)
+    with torch.no_grad():
+        fp32, _ = enc.rnn(video['frames'])
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            states = enc._rnn(video['frames'], video['lengths'])
+    assert torch.equal(states.float(), fp32) == fp32_rnn
+
+
+def test_cpu_fast_bf16_rnn_needs_amx():
+    assert precision.cpu_fast_bf16_rnn({'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'})
+    assert not precision.cpu_fast_bf16_rnn({'avx512f', 'avx512_bf16'})
 
 
 def test_mlcmr_loss_terms(toy_root):
