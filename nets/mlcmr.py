@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import evaluation
 import loss as losses
 from basic import paths, precision
-from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, build_bert, pool, set_bert_trainable
+from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, adam, build_bert, pool, set_bert_trainable
 
 # ============ MLCMR (docs/models.md, docs/losses.md) ============
 
@@ -89,7 +89,7 @@ class MLCMR(RetrievalModel):
         self.text_mapping = MFC(self.bert.config.hidden_size, cfg['mapping_dim'], cfg['mapping_dropout'])
 
     def configure_optimizers(self, lr, glr=None):
-        return {'main': torch.optim.Adam(self.main_parameters(), lr=lr)}
+        return {'main': adam(self.main_parameters(), lr)}
 
     def _text(self, stream):
         E = self.bert(input_ids=stream['ids'], attention_mask=stream['mask'].long()).last_hidden_state

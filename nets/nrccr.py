@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import evaluation
 import loss as losses
 from basic import paths
-from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, build_bert, pool, set_bert_trainable
+from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, adam, build_bert, pool, set_bert_trainable
 
 # ============ building blocks (docs/models.md, 'NRCCR building blocks') ============
 
@@ -259,8 +259,8 @@ class NRCCR(RetrievalModel):
 
     # ---- optimisation ----
     def configure_optimizers(self, lr, glr=1e-3):
-        return {'main': torch.optim.Adam(self.main_parameters(), lr=lr),
-                'disc': torch.optim.Adam(self.discriminator.parameters(), lr=glr, betas=(0.9, 0.999))}
+        return {'main': adam(self.main_parameters(), lr),
+                'disc': adam(self.discriminator.parameters(), glr, betas=(0.9, 0.999))}
 
     # ---- training ----
     def forward(self, batch):

@@ -349,3 +349,26 @@ def test_unknown_bert_folder_is_one_line_error(tmp_path):
     with pytest.raises(DataError, match='no BERT folder') as e:
         common.load_pretrained_bert(str(tmp_path / 'nope'))
     assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('name', ['nrccr', 'mlcmr'])
+def test_adam_is_fused_on_cpu_and_steps_like_the_loop(toy_root, name):
+    """nets/common.py adam: torch's fused Adam, whose update equals the per-tensor Adam within float rounding."""
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, name))
+    fused = model.configure_optimizers(1e-3, 1e-3)
+    assert all(opt.param_groups[0]['fused'] for opt in fused.values())
+    params = [p for opt in fused.values() for g in opt.param_groups for p in g['params']]
+    start = [p.detach().clone() for p in params]
+    loop_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loop = torch.optim.Adam(loop_params, lr=1e-3, foreach=False)
+    for step in range(3):
+        for p, q in zip(params, loop_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for opt in fused.values():
+            opt.step()
+        loop.step()
+    for p, q, p0 in zip(params, loop_params, start):
+        assert not torch.equal(p, p0)
+        assert (p - q).abs().max() <= 1e-6 * q.abs().max().clamp_min(1e-3)
