@@ -26,6 +26,7 @@ import model as models
 from basic import paths
 from basic.errors import DataError
 from basic import checkpoint as ckpt
+from basic import compiling
 from basic import data_provider as dp
 from basic import distributed as dist
 from basic import image_data
@@ -151,7 +152,10 @@ def get_args_parser():
                    help="mixed precision (docs/training.md, 'Mixed precision'): off = fp32 (default, the papers' "
                         'numbers); bf16 where the device has it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or '
                         'AMX), else an error; auto = bf16 where native, fp32 elsewhere; fp16 with loss scaling')
-    g.add_argument('--compile', type=runs.bool_flag, default=False, help='torch.compile the model (0)')
+    g.add_argument('--compile', type=compiling.parse_compile, default='auto',
+                   help="torch.compile the training forward (docs/training.md, 'Compilation'): auto (default) = on a "
+                        'CUDA GPU with triton for runs of 2000+ steps, eager on a CPU (measured not to pay there); '
+                        '1 = wherever a compiler is found; 0 = eager')
     g.add_argument('--sync_bn', type=runs.bool_flag, default=True,
                    help='under DDP on GPUs, BatchNorm statistics over the global batch (1); CPU: per rank')
     g.add_argument('--max_steps_per_epoch', type=int, default=0, help='cap steps per epoch, 0 = all (for tests)')
@@ -376,7 +380,7 @@ def build_data(args, data_cfg, run):
 
 
 def build_model(args, model_cfg, run):
-    """The model, its DDP / compiled wrapper, optimisers, gradient scaler and autocast factory."""
+    """The model, its DDP wrapper, optimisers, gradient scaler and autocast factory."""
     model = models.build_model(model_cfg).to(run.device)
     optimizers = model.configure_optimizers(args.learning_rate, args.glr)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -393,11 +397,18 @@ def build_model(args, model_cfg, run):
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
         model.set_distributed(dist.all_gather_with_grad, dist.all_reduce_mean_, run.world)
-    if args.compile:
-        ddp_model = torch.compile(ddp_model, dynamic=True)    # padded lengths vary from batch to batch
     return SimpleNamespace(cfg=model_cfg, model=model, ddp_model=ddp_model, optimizers=optimizers,
                            scaler=torch.amp.GradScaler(run.device.type, enabled=args.amp_resolved == 'fp16'),
                            autocast=autocast_factory(args.amp_resolved, run.device))
+
+
+def compile_training_forward(args, run, net, epoch_steps):
+    """--compile (basic/compiling.py): the training forward compiled or eager, said in one log line. Only
+    the training forward is compiled; validation and the tester encode eagerly."""
+    on, message, level = compiling.resolve_compile(args.compile, run.device, epoch_steps * args.num_epochs)
+    logger.log(level, '%s', message)
+    if on:
+        net.ddp_model = compiling.compile_forward(net.ddp_model)
 
 
 # ============ resume, checkpoint ============
@@ -459,6 +470,11 @@ def embed_split(model, data, batch_size, device, workers, autocast, distributed)
     return {role: evaluation.similarity(emb, videos) for role, emb in texts.items()}
 
 
+def steps_per_epoch(args, loader):
+    """Training steps of one epoch: the loader's batches, capped by --max_steps_per_epoch."""
+    return len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
+
+
 def train_one_epoch(args, run, net, loader, state, writer):
     """One pass over the training data (basic/training.py train_step per batch); returns the epoch's mean logs
     and samples/s (all ranks).
@@ -474,7 +490,7 @@ def train_one_epoch(args, run, net, loader, state, writer):
     check_every_step = run.device.type == 'cpu'
     watch = None if check_every_step else NonFiniteWatch(run.device)
     sums, count, samples, t0 = {}, 0, 0, time.time()
-    total = len(loader) if not args.max_steps_per_epoch else min(len(loader), args.max_steps_per_epoch)
+    total = steps_per_epoch(args, loader)
     with Progress(total, f'epoch {epoch}', unit='samples', every_steps=args.log_every,
                   enabled=run.main_process) as progress:
         for step, batch in enumerate(loader):
@@ -645,6 +661,7 @@ def _main(args):
     seed_and_backends(args, run)
     data = build_data(args, data_cfg_from_args(args), run)
     net = build_model(args, model_cfg_from_args(args, data.store.dim), run)
+    compile_training_forward(args, run, net, steps_per_epoch(args, data.loader))
     seed_everything(args.seed + run.rank)
     state = resume(args, run, net)
     train_loop(args, run, data, net, state)
