@@ -24,8 +24,9 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     assert torch.get_num_threads() == threads           # --threads is undone for in-process callers
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
-    assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'encode', 'eval', 'image', 'search', 'notes',
-            'total_s'} <= set(report)
+    assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'components', 'encode', 'eval', 'image',
+            'search', 'epoch', 'notes', 'total_s'} <= set(report)
+    assert 'compile' not in report                      # asked for by name only (minutes per configuration)
     machine = report['machine']
     assert {'date', 'torch', 'python', 'cpu', 'cpu_count', 'devices'} <= set(machine)
     assert machine['threads'] == 1 and machine['devices'] == ['cpu'] and machine['torch'] == torch.__version__
@@ -73,6 +74,12 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
         assert len(row['ops']) == 5 and all(op['self_ms'] >= 0 and 0 <= op['share'] <= 1 for op in row['ops'])
         assert [op['self_ms'] for op in row['ops']] == sorted((op['self_ms'] for op in row['ops']), reverse=True)
     assert 'top 5 ops by self time' in capsys.readouterr().out
+    # each component alone in each precision (util/bench/components.py)
+    from util.bench import components
+    assert [(r['model'], r['component'], r['amp']) for r in report['components']] == [
+        (m, c, a) for m in ('nrccr', 'mlcmr') for c in components.COMPONENTS[m] for a in ('off', 'bf16')]
+    for row in report['components']:
+        _positive(row, ['seconds'])
 
     # caption encoding: file order vs length buckets, same embeddings, less padding, fewer FLOPs
     texts = [r for r in report['encode'] if r['what'] == 'encode_texts']
@@ -111,6 +118,29 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     for row in report['search']:
         assert row['device'] == 'cpu'
         _positive(row, ['value'])
+    # epoch: trainer.py processes, NRCCR and MLCMR side by side, --amp off and auto, the other defaults
+    assert [(r['model'], r['amp']) for r in report['epoch']] == [(m, a) for a in ('off', 'auto') for m in ('nrccr', 'mlcmr')]
+    for row in report['epoch']:
+        _positive(row, ['wall_s', 'epoch_s', 'samples_per_s', 'peak_rss_gib'])
+        assert row['epoch_s'] < row['wall_s'] and row['compile'].startswith('eager (--compile auto')
+    assert report['epoch'][0]['amp_resolved'] == 'fp32 (--amp off)'
+
+
+def test_compile_section_times_eager_and_compiled_calls_and_counts_recompilations(tmp_path, monkeypatch):
+    """--only compile: the training step and both evaluation encoders, eager against compiled, per model. Here
+    dynamo hands its graphs to the eager backend (inductor takes minutes on a CPU): the rows, the graph counts
+    and the absence of recompilations over the three lengths are what is checked, not the speed."""
+    from basic import compiling
+    real = compiling.compile_forward
+    monkeypatch.setattr(compiling, 'compile_forward', lambda module: real(module, backend='eager'))
+    report = benchmark.main(['--quick', '--device', 'cpu', '--threads', '1', '--only', 'compile', '--amps', 'off',
+                             '--out', str(tmp_path / 'c.json')])
+    assert [(r['what'], r['model'], r['encoder'], r['amp']) for r in report['compile']] == [
+        (w, m, 'toy', 'off') for m in ('nrccr', 'mlcmr') for w in ('train_step', 'encode_texts', 'encode_videos')]
+    for row in report['compile']:
+        _positive(row, ['eager_s', 'compiled_s', 'speedup', 'graphs'])
+        assert row['recompiles'] == 0 and row['compile_s'] >= 0
+        assert (row['pays_after_calls'] is None) == (row['compiled_s'] >= row['eager_s'])
 
 
 def test_only_runs_the_named_sections_and_budget_skips_with_a_note(tmp_path):

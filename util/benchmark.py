@@ -6,6 +6,7 @@ utilisation (MFU) of training and encoding. Prints numbers and writes JSON; asse
     python util/benchmark.py --only train --amps off,bf16 --profile   # fp32 vs bf16, and where the time goes
     python util/benchmark.py --only encode                  # 15,000 x 2 captions, file order vs length buckets
     python util/benchmark.py --quick                        # tiny sizes, seconds (the smoke test)
+    python util/benchmark.py --only compile --amps off,bf16 # torch.compile vs eager (about an hour on 2 cores)
 
 Everything is synthetic and offline, built in a temporary folder: a VATEX-like BigFile (1024-d i3d frames,
 40-80 per video), caption tables of random token ids (10-30 word pieces between [CLS] and [SEP]) and BERTs
@@ -32,8 +33,17 @@ with random weights built from a config dict. Sections:
          forward per batch (ViT-B/32 and a bert-base-sized encoder; --quick: tiny ones), per device.
   search util/bench/search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
          10k and 100k videos (--quick: tiny), per device.
+  epoch  util/bench/epoch.py: trainer.py in a process of its own for one epoch + validation on a synthetic
+         collection (1024-d frames, a 768-wide 2-layer BERT), NRCCR and MLCMR side by side with the papers'
+         settings, --amp off and auto, every other flag at its default (--compile auto included): process
+         wall time, epoch samples/s, peak memory.
+  compile (only when named in --only: minutes per configuration) torch.compile against eager, per model,
+         encoder and precision: the training step and the evaluation text and video encoders, with compile
+         time, recompilations over three lengths, steady-state speed and the calls after which it pays.
   --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
-         the top ops by self time, printed and stored.
+         the top ops by self time, printed and stored; then each component of the step (BERT, video encoder,
+         MLCMR's bare GRU, attention block, mappings) alone, forward + backward, per precision, with its
+         ratio to fp32 (util/bench/components.py): bf16 should make no part slower.
 """
 import argparse
 import contextlib
@@ -55,17 +65,21 @@ import evaluation                                            # noqa: E402
 import model as models                                       # noqa: E402
 from nets import common  # noqa: E402
 from basic.bigfile import BigFileWriter                      # noqa: E402
+from util.bench import components as bench_components                       # noqa: E402
+from util.bench import epoch as bench_epoch                                 # noqa: E402
 from util.bench import image as bench_image                                 # noqa: E402
 from util.bench import metrics as bench_metrics                               # noqa: E402
 from util.bench import search as bench_search                                # noqa: E402
 from basic import bucketing                                   # noqa: E402
+from basic import compiling                                   # noqa: E402
 from basic import data_provider as dp                         # noqa: E402
 from basic import precision                                   # noqa: E402
 from util.make_toy_data import build_vocab                   # noqa: E402
 from basic.training import train_step                         # noqa: E402
 from basic.runs import git_state                              # noqa: E402
 
-SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search')
+SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search', 'epoch', 'compile')
+DEFAULT_SECTIONS = SECTIONS[:-1]        # compile takes minutes per configuration: asked for by name
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
 MBERT_VOCAB = 119547
 NRCCR_ROLES, MLCMR_ROLES = ('src', 'tr', 'bt'), ('en', 'zh')
@@ -85,7 +99,7 @@ ENCODERS = {
 FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
             assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), model_overrides={},
             cpu_train_batch=16,
-            cpu_steps=(1, 3), cuda_steps=(3, 10),
+            cpu_steps=(1, 3), cuda_steps=(3, 10), compile_encoders=tuple(ENCODERS),
             cpu_eval=((15_000, 1_500), (100_000, 10_000)), cuda_eval=bench_metrics.CUDA_SIZES,
             one_thread_eval=(15_000, 1_500),
             peak_n_cpu=2048, peak_n_cuda=8192, peak_reps=5, profile_encoder='small',
@@ -96,11 +110,12 @@ QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, g
                                             visual_num_attention=4, mapping_dim=48),
                               'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48)},
              cpu_train_batch=4,
-             cpu_steps=(1, 1), cuda_steps=(1, 2),
+             cpu_steps=(1, 1), cuda_steps=(1, 2), compile_encoders=('toy',),
              cpu_eval=((300, 30), (1200, 120)), cuda_eval=((300, 30), (1200, 120)), one_thread_eval=(300, 30),
              peak_n_cpu=128, peak_n_cuda=256, peak_reps=2, profile_encoder='toy',
              encode_captions=150, encode_encoder='toy')
 
+EPOCH_AMPS = ('off', 'auto')      # the papers' fp32 default and --amp auto, each with the other defaults
 GATHER_ROWS = 64          # frame ids per BigFile.read: one padded video of the training collate
 ASSEMBLY_TARGET_MS = 50.0
 EVAL_TARGET_S = 2.0
@@ -423,9 +438,10 @@ class TrainSetup:
     step (basic/training.py train_step: forward, the NRCCR discriminator step, loss, backward, clip, step),
     with the trainer's non-finite check (per step on a CPU, none inside the step on a GPU)."""
 
-    def __init__(self, name, encoder, dim, overrides, device, amp):
+    def __init__(self, name, encoder, dim, overrides, device, amp, compiled=False):
         torch.manual_seed(0)
         self.model = build(name, encoder, dim, **overrides).to(device).train()
+        self.forward = compiling.compile_forward(self.model) if compiled else self.model   # as --compile 1
         self.optimizers = self.model.configure_optimizers(LEARNING_RATE, DISC_LEARNING_RATE)
         self.main_params = self.model.main_parameters()
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == 'fp16')
@@ -433,7 +449,7 @@ class TrainSetup:
         self.device = device
 
     def step(self, batch):
-        return train_step(self.model, self.model, dp.move_to(batch, self.device), self.optimizers, self.scaler,
+        return train_step(self.model, self.forward, dp.move_to(batch, self.device), self.optimizers, self.scaler,
                           self.autocast, GRAD_CLIP, self.main_params)
 
 
@@ -490,6 +506,119 @@ def bench_profile(data, sizes, device, amp, row_limit):
                          ops=[dict(op=e.key, self_ms=getattr(e, attr) / 1000, share=getattr(e, attr) / total,
                                    calls=e.count) for e in top]))
     return rows
+
+
+def bench_per_component(data, sizes, device, amps):
+    """util/bench/components.py: forward + backward of each component of each model ('small' encoder),
+    alone, in every precision of `amps`; prints a table per model with the ratio to fp32."""
+    rows = []
+    encoder = sizes['profile_encoder']
+    for name in ('nrccr', 'mlcmr'):
+        batch_size = sizes['cpu_train_batch'] if device.type == 'cpu' else models.MODELS[name].RUN_DEFAULTS['batch_size']
+        setup = TrainSetup(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), device, 'off')
+        batch = dp.move_to(data.batch(name, batch_size, seed=100), device)
+        found = bench_components.component_rows(name, setup.model, batch, device,
+                                                [(amp, precision.autocast_factory(amp, device)) for amp in amps])
+        print(f'  components {name} {encoder} {device} batch {batch_size}: forward + backward, ms '
+              f'({" | ".join(amps)}{" | ratio to fp32" if "off" in amps and len(amps) > 1 else ""})', flush=True)
+        by = {(r['component'], r['amp']): r['seconds'] for r in found}
+        for component in bench_components.COMPONENTS[name]:
+            times = [by[component, amp] for amp in amps]
+            ratios = ([f'{by[component, amp] / by[component, "off"]:.2f}' for amp in amps if amp != 'off']
+                      if 'off' in amps else [])
+            print(f'    {component:28} ' + ' | '.join(f'{1000 * t:8.1f}' for t in times)
+                  + (' | ' + ' | '.join(ratios) if ratios else ''), flush=True)
+        rows += found
+    return rows
+
+
+# ============ compile ============
+
+def bench_compile(data, sizes, device, amp):
+    """torch.compile against eager (basic/compiling.py compile_forward, dynamic shapes, as --compile 1), per
+    model and encoder of sizes['compile_encoders'], in this precision: the training step (the distinct
+    batches of the train section) and the evaluation text and video encoders (no_grad, batches of the test
+    batch size at three lengths each). Per row: the eager and the compiled median, the compile time (first
+    compiled call minus an eager one), graphs compiled after the first call (recompilations; 0 is the aim),
+    and the calls after which compiling has paid for itself (none where the compiled call is not faster)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
+    rows = []
+    for name in ('nrccr', 'mlcmr'):
+        batch_size = (models.MODELS[name].RUN_DEFAULTS['batch_size'] if device.type == 'cuda'
+                      else sizes['cpu_train_batch'])
+        batches = [data.batch(name, batch_size, seed=100 + i) for i in range(3)]
+        overrides = sizes['model_overrides'].get(name, {})
+        for encoder in sizes['compile_encoders']:
+            calls = {}
+            for compiled in (False, True):
+                setup = TrainSetup(name, encoder, data.store.dim, overrides, device, amp, compiled=compiled)
+                calls[compiled] = (setup.step, batches)
+            rows.append(_compile_row(dict(what='train_step', model=name, encoder=encoder, device=str(device), amp=amp,
+                                          batch=batch_size), calls, warmup, steps, device, counters))
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = build(name, encoder, data.store.dim, **overrides).to(device).eval()
+            autocast = precision.autocast_factory(amp, device)
+            eval_batch = models.MODELS[name].RUN_DEFAULTS['test_batch_size']
+            for what, fn, inputs in (('encode_texts', model.embed_texts, _text_inputs(eval_batch, device)),
+                                     ('encode_videos', model.embed_videos,
+                                      _video_inputs(eval_batch, data.store.dim, device))):
+                def call(fn):
+                    def run(x):
+                        with torch.no_grad(), autocast():
+                            return fn(x)
+                    return run
+                calls = {False: (call(fn), inputs), True: (call(compiling.compile_forward(fn)), inputs)}
+                rows.append(_compile_row(dict(what=what, model=name, encoder=encoder, device=str(device), amp=amp,
+                                              batch=eval_batch), calls, 1, 3 * len(inputs), device, counters))
+                torch._dynamo.reset()
+            del model
+    return rows
+
+
+def _compile_row(row, calls, warmup, runs, device, counters):
+    """Time the eager and the compiled version of one call over the same inputs (cycled) and print the row."""
+    eager_fn, inputs = calls[False]
+    eager = float(np.median(timings(lambda i: eager_fn(inputs[i % len(inputs)]), runs, warmup, device)))
+    compiled_fn, _ = calls[True]
+    before = counters['stats']['unique_graphs']
+    first = timings(lambda i: compiled_fn(inputs[0]), 1, 0, device)[0]
+    after_first = counters['stats']['unique_graphs']
+    for x in inputs[1:]:                      # the other lengths: any graph compiled here is a recompilation
+        compiled_fn(x)
+    recompiles = counters['stats']['unique_graphs'] - after_first
+    compiled = float(np.median(timings(lambda i: compiled_fn(inputs[i % len(inputs)]), runs, 0, device)))
+    saved = eager - compiled
+    row.update(eager_s=eager, compiled_s=compiled, speedup=eager / compiled, compile_s=max(first - eager, 0.0),
+               graphs=after_first - before, recompiles=recompiles,
+               pays_after_calls=(first - eager) / saved if saved > 0 else None)
+    pays = (f'pays after {row["pays_after_calls"]:,.0f} calls' if row['pays_after_calls'] is not None
+            else 'never pays (not faster)')
+    print(f'  compile {row["what"]:13} {row["model"]:5} {row["encoder"]:9} {row["device"]:6} {row["amp"]:4} batch '
+          f'{row["batch"]:3}: eager {1000 * eager:7.1f} ms, compiled {1000 * compiled:7.1f} ms ({row["speedup"]:.2f}x); '
+          f'compiling {row["compile_s"]:.0f} s, {row["graphs"]} graphs, {recompiles} recompilations; {pays}',
+          flush=True)
+    return row
+
+
+def _text_inputs(batch_size, device, lengths=(12, 23, 31)):
+    """Caption batches ({'query': stream}) at three padded lengths, every caption as long as its batch."""
+    out = []
+    for n in lengths:
+        ids = torch.randint(FIRST_WORD, min(e['vocab_size'] for e in ENCODERS.values()), (batch_size, n), device=device)
+        ids[:, 0], ids[:, -1] = CLS, SEP
+        out.append({'query': {'ids': ids, 'mask': torch.ones(batch_size, n, device=device),
+                              'lengths': torch.full((batch_size,), n, device=device)}})
+    return out
+
+
+def _video_inputs(batch_size, dim, device, lengths=(41, 57, 64)):
+    """Video batches at three padded lengths (frames capped at 64, as the data layer caps them)."""
+    return [{'frames': torch.randn(batch_size, n, dim, device=device), 'mask': torch.ones(batch_size, n, device=device),
+             'lengths': torch.full((batch_size,), n, device=device), 'mean': torch.randn(batch_size, dim, device=device)}
+            for n in lengths]
 
 
 # ============ evaluation encoding ============
@@ -663,8 +792,8 @@ def get_args_parser():
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--quick', action='store_true', help='tiny sizes, seconds (the smoke test)')
     p.add_argument('--out', default='benchmark_results.json', help='JSON file (default benchmark_results.json)')
-    p.add_argument('--only', default=','.join(SECTIONS),
-                   help=f'comma-separated sections (default {",".join(SECTIONS)})')
+    p.add_argument('--only', default=','.join(DEFAULT_SECTIONS),
+                   help=f'comma-separated sections of {",".join(SECTIONS)} (default {",".join(DEFAULT_SECTIONS)})')
     p.add_argument('--amps', default='auto',
                    help='precisions of the train and encode sections, e.g. off,bf16 (default auto: fp32, plus '
                         'bf16 where the device has it natively)')
@@ -673,6 +802,8 @@ def get_args_parser():
     p.add_argument('--profile_rows', type=int, default=25, help='ops shown per profile table (default 25)')
     p.add_argument('--search_index', default='exact,faiss',
                    help='indexes of the search section (default exact,faiss; faiss is skipped when not installed)')
+    p.add_argument('--epoch_workers', type=int, default=2,
+                   help="the trainer's --workers in the epoch section (default 2)")
     p.add_argument('--eval_budget', type=float, default=180.0,
                    help='skip a metrics size predicted to take longer than this many seconds (default 180)')
     return p
@@ -722,7 +853,7 @@ def main(argv=None):
               + (f', {m["gpu"]}' if 'gpu' in m else ''), flush=True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix='mlcmr_bench_') as tmp:
-            if {'data', 'train', 'encode'} & set(sections) or args.profile:
+            if {'data', 'train', 'encode', 'compile'} & set(sections) or args.profile:
                 t0 = time.perf_counter()
                 data = Synthetic(tmp, sizes)
                 print(f'synthetic collection: {len(data.videos):,} videos, {len(data.store.bigfile):,} frames x '
@@ -744,10 +875,11 @@ def main(argv=None):
                         report['train'] += bench_train(data, sizes, device, amp, peaks, notes)
             if args.profile:
                 print('profile', flush=True)
-                report['profile'] = []
+                report['profile'], report['components'] = [], []
                 for device in devices:
                     for amp in amps_of(device):
                         report['profile'] += bench_profile(data, sizes, device, amp, args.profile_rows)
+                    report['components'] += bench_per_component(data, sizes, device, amps_of(device))
             if 'encode' in sections:
                 print('encode', flush=True)
                 report['encode'] = []
@@ -765,6 +897,16 @@ def main(argv=None):
             if 'search' in sections:
                 print('search', flush=True)
                 report['search'] = bench_search_rows(devices, args.quick, args.search_index)
+            if 'compile' in sections:
+                print('compile', flush=True)
+                report['compile'] = []
+                for device in devices:
+                    for amp in amps_of(device):
+                        report['compile'] += bench_compile(data, sizes, device, amp)
+            if 'epoch' in sections:
+                print('epoch', flush=True)
+                report['epoch'] = [r for device in devices for r in bench_epoch.bench_epoch(
+                    args.quick, EPOCH_AMPS, args.epoch_workers, str(device), log=lambda line: print(f'  {line}', flush=True))]
         report['notes'] = notes
         report['total_s'] = time.perf_counter() - start
     with open(args.out, 'w') as f:
