@@ -74,10 +74,9 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
         assert len(row['ops']) == 5 and all(op['self_ms'] >= 0 and 0 <= op['share'] <= 1 for op in row['ops'])
         assert [op['self_ms'] for op in row['ops']] == sorted((op['self_ms'] for op in row['ops']), reverse=True)
     assert 'top 5 ops by self time' in capsys.readouterr().out
-    # each component alone in each precision (util/bench/components.py)
-    from util.bench import components
+    # each component alone in each precision
     assert [(r['model'], r['component'], r['amp']) for r in report['components']] == [
-        (m, c, a) for m in ('nrccr', 'mlcmr') for c in components.COMPONENTS[m] for a in ('off', 'bf16')]
+        (m, c, a) for m in ('nrccr', 'mlcmr') for c in benchmark.COMPONENTS[m] for a in ('off', 'bf16')]
     for row in report['components']:
         _positive(row, ['seconds'])
 

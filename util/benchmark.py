@@ -43,7 +43,7 @@ with random weights built from a config dict. Sections:
   --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
          the top ops by self time, printed and stored; then each component of the step (BERT, video encoder,
          MLCMR's bare GRU, attention block, mappings) alone, forward + backward, per precision, with its
-         ratio to fp32 (util/bench/components.py): bf16 should make no part slower.
+         ratio to fp32: bf16 should make no part slower.
 """
 import argparse
 import contextlib
@@ -65,7 +65,6 @@ import evaluation                                            # noqa: E402
 import model as models                                       # noqa: E402
 from nets import common  # noqa: E402
 from basic.bigfile import BigFileWriter                      # noqa: E402
-from util.bench import components as bench_components                       # noqa: E402
 from util.bench import epoch as bench_epoch                                 # noqa: E402
 from util.bench import image as bench_image                                 # noqa: E402
 from util.bench import metrics as bench_metrics                               # noqa: E402
@@ -508,6 +507,92 @@ def bench_profile(data, sizes, device, amp, row_limit):
     return rows
 
 
+# ============ per component ============
+# Does bf16 make every part of the step faster? One training forward records the inputs of each named
+# component (the BERT, the video encoder and MLCMR's bare GRU, the attention block, the mappings; the NRCCR
+# discriminator always runs in fp32); then each component alone runs forward and backward on those inputs
+# under each precision's autocast, as inside the step (MLCMR's video encoder with its GRU rule,
+# basic/precision.py; its bare GRU as a row of its own shows what the rule avoids).
+
+COMPONENTS = {
+    'nrccr': ('text_encoder.bert', 'text_encoder.encoder_layer', 'video_encoder', 'video_mapping', 'text_mapping'),
+    'mlcmr': ('bert', 'video_encoder', 'video_encoder.rnn', 'video_mapping', 'text_mapping'),
+}
+
+
+def capture_inputs(model, batch, names):
+    """{name: (args, kwargs)} of the first call of each named submodule during model(batch) (no grad)."""
+    seen, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in names:
+        def hook(module, args, kwargs, name=name):
+            if name not in seen:
+                seen[name] = (_detach(args), _detach(kwargs))
+        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _detach(x):
+    if torch.is_tensor(x):
+        return x.detach().clone().requires_grad_(x.is_floating_point())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_detach(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+def _tensors(x):
+    """Float tensors of an output (tensor, tuple, dict or a transformers output)."""
+    if torch.is_tensor(x):
+        return [x] if x.is_floating_point() else []
+    if isinstance(x, dict) or hasattr(x, 'to_tuple'):
+        x = list(x.values()) if isinstance(x, dict) else list(x.to_tuple())
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def time_component(module, inputs, autocast, device, runs=3):
+    """Median seconds of forward + backward of `module` on `inputs` under `autocast` (after one warm-up)."""
+    args, kwargs = inputs
+
+    def once():
+        with autocast():
+            out = module(*args, **kwargs)
+        loss = sum(t.float().sum() for t in _tensors(out))
+        if loss.requires_grad:
+            loss.backward()
+        for p in module.parameters():
+            p.grad = None
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+    once()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def component_rows(model_name, model, batch, device, autocasts):
+    """Rows {model, component, amp, seconds} for each component of `model_name` and each (amp, autocast)."""
+    model.train()
+    names = COMPONENTS[model_name]
+    inputs = capture_inputs(model, batch, names)
+    modules = dict(model.named_modules())
+    return [dict(model=model_name, component=name, amp=amp, device=str(device),
+                 seconds=time_component(modules[name], inputs[name], autocast, device))
+            for name in names for amp, autocast in autocasts]
+
+
 def bench_per_component(data, sizes, device, amps):
     """util/bench/components.py: forward + backward of each component of each model ('small' encoder),
     alone, in every precision of `amps`; prints a table per model with the ratio to fp32."""
@@ -517,12 +602,12 @@ def bench_per_component(data, sizes, device, amps):
         batch_size = sizes['cpu_train_batch'] if device.type == 'cpu' else models.MODELS[name].RUN_DEFAULTS['batch_size']
         setup = TrainSetup(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), device, 'off')
         batch = dp.move_to(data.batch(name, batch_size, seed=100), device)
-        found = bench_components.component_rows(name, setup.model, batch, device,
+        found = component_rows(name, setup.model, batch, device,
                                                 [(amp, precision.autocast_factory(amp, device)) for amp in amps])
         print(f'  components {name} {encoder} {device} batch {batch_size}: forward + backward, ms '
               f'({" | ".join(amps)}{" | ratio to fp32" if "off" in amps and len(amps) > 1 else ""})', flush=True)
         by = {(r['component'], r['amp']): r['seconds'] for r in found}
-        for component in bench_components.COMPONENTS[name]:
+        for component in COMPONENTS[name]:
             times = [by[component, amp] for amp in amps]
             ratios = ([f'{by[component, amp] / by[component, "off"]:.2f}' for amp in amps if amp != 'off']
                       if 'off' in amps else [])
@@ -802,6 +887,8 @@ def get_args_parser():
     p.add_argument('--profile_rows', type=int, default=25, help='ops shown per profile table (default 25)')
     p.add_argument('--search_index', default='exact,faiss',
                    help='indexes of the search section (default exact,faiss; faiss is skipped when not installed)')
+    p.add_argument('--compile_encoders', default=None,
+                   help='text encoders of the compile section (default toy,small,bert-base; --quick: toy)')
     p.add_argument('--epoch_workers', type=int, default=2,
                    help="the trainer's --workers in the epoch section (default 2)")
     p.add_argument('--eval_budget', type=float, default=180.0,
@@ -839,6 +926,12 @@ def main(argv=None):
         parser.error(f'--amps {args.amps}: expected auto or a comma-separated subset of off,fp16,bf16')
     devices = _devices(args.device, parser)
     sizes = QUICK if args.quick else FULL
+    if args.compile_encoders:
+        encoders = tuple(e.strip() for e in args.compile_encoders.split(',') if e.strip())
+        if not encoders or set(encoders) - set(ENCODERS):
+            parser.error(f'--compile_encoders {args.compile_encoders}: expected a comma-separated subset of '
+                         f'{",".join(ENCODERS)}')
+        sizes = dict(sizes, compile_encoders=encoders)
     amps_of = lambda device: train_amps(device, args.amps)       # noqa: E731
     with num_threads(args.threads or torch.get_num_threads()):
         if any(d.type == 'cuda' for d in devices):      # as the trainer runs

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A few minutes on a GPU machine, numbers at once: the CUDA tests, the benchmark on the GPU, and a short
-# training on the toy collection in fp32 and in bf16; then one summary of what was measured (every number is
+# A few minutes on a GPU machine, numbers at once: the CUDA tests, the benchmark on the GPU (with its epoch
+# section and torch.compile against eager), and a short training on the toy collection in fp32, in bf16 and
+# in bf16 compiled (--compile 1); then one summary of what was measured (every number is
 # read from the files the steps wrote; a step that failed says so, it never gets a number).
 #
 #   util/gpu_check.sh [OUT_DIR]          # default ./gpu_check_<date>; logs and JSON stay there
 #
 # BENCH_FLAGS adds flags to util/benchmark.py (e.g. BENCH_FLAGS='--only train,encode --eval_budget 60').
+# COMPILE_ENCODERS: text encoders of the compile benchmark (default small,bert-base; '' skips that step).
 # EPOCHS sets the toy training's epochs (default 3). Without a visible GPU it says so and exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_$(date +%Y%m%d_%H%M%S)}
 EPOCHS=${EPOCHS:-3}
 BENCH_FLAGS=${BENCH_FLAGS:-}
+COMPILE_ENCODERS=${COMPILE_ENCODERS-small,bert-base}
 
 source util/ensure_env.sh
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -51,20 +54,26 @@ step tests "$OUT/tests.log" "$PYTHON" -m pytest -q -rs tests -k 'cuda or gpu'
 # ---- 3. the benchmark on the GPU ----
 # shellcheck disable=SC2086
 step benchmark "$OUT/benchmark.log" "$PYTHON" util/benchmark.py --device cuda --out "$OUT/benchmark_gpu.json" $BENCH_FLAGS
+if [ -n "$COMPILE_ENCODERS" ]; then
+  step benchmark_compile "$OUT/benchmark_compile.log" "$PYTHON" util/benchmark.py --device cuda --only compile \
+    --amps off,bf16 --compile_encoders "$COMPILE_ENCODERS" --out "$OUT/benchmark_compile.json"
+fi
 
 # ---- 4. a short training on the toy collection, fp32 then bf16 ----
 ROOT="$OUT/VisualSearch"
 step toy_data "$OUT/toy_data.log" "$PYTHON" util/make_toy_data.py --root "$ROOT" --collection toy
-for AMP in off bf16; do
-  step "train_$AMP" "$OUT/train_$AMP.log" "$PYTHON" trainer.py --model nrccr --rootpath "$ROOT" --collection toy \
+for RUN in off bf16 bf16_compile; do
+  AMP=${RUN%_compile}; COMPILE=0; [ "$RUN" = bf16_compile ] && COMPILE=1
+  step "train_$RUN" "$OUT/train_$RUN.log" "$PYTHON" trainer.py --model nrccr --rootpath "$ROOT" --collection toy \
     --visual_feature toy_feature --bert_name "$ROOT/tiny_bert" --layer_list layer.9 layer.10 layer.11 \
     --text_hidden_size 128 --video_hidden_size 128 --text_mapping_layers 0-256 --visual_mapping_layers 0-256 \
     --disc_type not-so-weak --l1_gama 0.1 --back_w 0.5 --learning_rate 1e-3 --batch_size 64 \
-    --num_epochs "$EPOCHS" --workers 2 --max_violation --device cuda --amp "$AMP" --postfix "gpu_check_$AMP"
+    --num_epochs "$EPOCHS" --workers 2 --max_violation --device cuda --amp "$AMP" --compile "$COMPILE" \
+    --postfix "gpu_check_$RUN"
 done
 
 # ---- 5. summary ----
-STATUS_LINES=$(for k in tests benchmark toy_data train_off train_bf16; do echo "$k: ${STATUS[$k]:-not run}"; done)
+STATUS_LINES=$(for k in tests benchmark benchmark_compile toy_data train_off train_bf16 train_bf16_compile; do echo "$k: ${STATUS[$k]:-not run}"; done)
 export OUT ROOT STATUS_LINES
 "$PYTHON" - <<'EOF' | tee "$OUT/summary.txt"
 import glob, json, os, re
@@ -109,11 +118,21 @@ else:
                   f"batches: {r['seconds']:.2f} s ({100 * r['padding_fraction']:.0f}% padding)")
     for r in b.get('eval', []):
         print(f"metrics {r['mode']:10} {r['captions']:>9,} x {r['videos']:<8,}: {r['seconds']:.3f} s")
+    for r in b.get('epoch', []):
+        print(f"epoch {r['model']:5} --amp {r['amp']:4} ({r['amp_resolved']}; {r['compile']}): {r['wall_s']:.0f} s "
+              f"process, {r['epoch_s']:.0f} s epoch + validation, {r['samples_per_s']:.0f} samples/s")
     for note in b.get('notes', []):
         print(f'note: {note}')
 
-for amp in ('off', 'bf16'):
-    name = 'fp32' if amp == 'off' else amp
+c = load(os.path.join(out, 'benchmark_compile.json'))
+for r in (c or {}).get('compile', []):
+    pays = f"pays after {r['pays_after_calls']:,.0f} calls" if r['pays_after_calls'] is not None else 'never pays'
+    print(f"compile {r['what']:13} {r['model']:5} {r['encoder']:9} {r['amp']:4}: eager {1000 * r['eager_s']:.1f} ms, "
+          f"compiled {1000 * r['compiled_s']:.1f} ms ({r['speedup']:.2f}x), compiling {r['compile_s']:.0f} s, "
+          f"{r['recompiles']} recompilations; {pays}")
+
+for amp in ('off', 'bf16', 'bf16_compile'):
+    name = {'off': 'fp32', 'bf16': 'bf16', 'bf16_compile': 'bf16 compiled'}[amp]
     lines = sorted(glob.glob(os.path.join(root, 'toy', '*', 'toy', '*', f'gpu_check_{amp}', 'metrics.jsonl')))
     if not lines:
         print(f'toy training {name}: no metrics.jsonl (see train_{amp}.log)')
