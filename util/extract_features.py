@@ -13,10 +13,12 @@ Resumable: every finished video is first written, atomically, as its own shard `
 BigFile is assembled from the shards (and from the rows of a previous BigFile in OUT) when all videos are done,
 then the shards are removed. Re-running the same command skips finished videos (so adding videos to the folder
 and re-running extracts only the new ones); a video interrupted mid-way has no shard and is redone. The settings
-(model, fps, max frames) are kept in OUT/extract_settings.json, and a re-run with other settings is refused
-unless --overwrite 1. Frames of several videos share one batch. Decoding runs in --decode_workers threads ahead
-of the model. Unreadable videos (and ids id.txt cannot hold) are listed, written to OUT/extract_failed.txt and
-skipped; they are tried again on the next run.
+(model, fps, max frames) and the identity of the CLIP (its name, size and a fingerprint of its visual projection,
+basic/clip_encoder.py `clip_identity`; a zero-shot text model is checked against it) are kept in
+OUT/extract_settings.json, and a re-run with other settings is refused unless --overwrite 1. Frames of several
+videos share one batch. Decoding runs in --decode_workers threads ahead of the model. Unreadable videos (and ids
+id.txt cannot hold) are listed, written to OUT/extract_failed.txt and skipped; they are tried again on the next
+run.
 
 Note: the models read at most 64 frames per video (the first 64, or 64 spread over the video with
 `--frame_sampling uniform` at training time); at --fps 1 that is a minute of video.
@@ -98,8 +100,14 @@ def sample_frames(path, fps, max_frames=0):
     return images
 
 
-def _settings(args, dims):
-    return {'model': args.model, 'fps': args.fps, 'max_frames': args.max_frames, 'dims': dims}
+def _settings(args, embedder):
+    return {'model': args.model, 'fps': args.fps, 'max_frames': args.max_frames, 'dims': embedder.dim,
+            'clip': embedder.identity}
+
+
+def _same_settings(old, new):
+    """A folder written before a setting was recorded (e.g. 'clip') accepts it; every recorded one must match."""
+    return all(old[k] == new[k] for k in old if k in new)
 
 
 def _write_shard(shard_dir, vid, rows):
@@ -147,8 +155,8 @@ def extract(args, log=print):
 
     from basic.clip_encoder import ClipImageEmbedder
     embedder = ClipImageEmbedder(args.model, device=args.device)
-    settings = _settings(args, embedder.dim)
-    if old_settings is not None and old_settings != settings:
+    settings = _settings(args, embedder)
+    if old_settings is not None and not _same_settings(old_settings, settings):
         raise DataError(f'{settings_path}: features there were made with {old_settings}, this run asks for '
                         f'{settings}; pass --overwrite 1 to start over, or choose another --out')
     with open(settings_path, 'w') as f:
