@@ -1,6 +1,10 @@
-"""Search the videos of a feature folder by text with a trained NRCCR or MLCMR checkpoint (docs/search.md).
+"""Search the videos of a feature folder by text, with a trained checkpoint or with no training (docs/search.md).
+
+With no training (--text_model) a multilingual CLIP text model searches CLIP features directly.
 
     python search.py --checkpoint RUN_DIR --query "一只狗在冲浪" --query "a dog surfing"
+    python search.py --text_model sentence-transformers/clip-ViT-B-32-multilingual-v1 \
+        --feature_dir path/to/FeatureData/clip_vit_b32 --query "一只狗在冲浪"               # no training
     python search.py --checkpoint RUN_DIR --rootpath ~/VisualSearch --collection mine --feature clip_b32 \\
         --queries_file queries.txt --json
     python search.py --checkpoint RUN_DIR --feature_dir path/to/FeatureData/clip_b32      # then type queries
@@ -27,8 +31,13 @@ logger = logging.getLogger('mlcmr')
 def get_args_parser():
     p = argparse.ArgumentParser('MLCMR search', add_help=False)
     g = p.add_argument_group('Model and gallery')
-    g.add_argument('--checkpoint', required=True,
+    g.add_argument('--checkpoint', default=None,
                    help='checkpoint file, run folder, or a folder with exactly one model_best.pth.tar below')
+    g.add_argument('--text_model', default=None,
+                   help='instead of --checkpoint, no training: a multilingual CLIP text model (sentence-transformers '
+                        'folder or hub id, e.g. sentence-transformers/clip-ViT-B-32-multilingual-v1 for features of '
+                        'openai/clip-vit-base-patch32) or a CLIP model (English); needs pip install '
+                        'sentence-transformers for the former')
     g.add_argument('--rootpath', default=None, help='VisualSearch root (default: the run\'s, else ~/VisualSearch)')
     g.add_argument('--collection', default=None, help='collection holding the videos (default: the run\'s)')
     g.add_argument('--feature', default=None, help='feature folder name under FeatureData (default: the run\'s)')
@@ -36,6 +45,11 @@ def get_args_parser():
     g.add_argument('--split', default=None,
                    help='gallery = the videos of this split\'s caption files (e.g. test), as the tester reads them')
     g.add_argument('--bert_name', default=None, help='tokenizer folder or hub id (default: the checkpoint\'s)')
+    g.add_argument('--data_type', default='google_enc2zh',
+                   help='--text_model with --split: the NRCCR caption files of the split (google_enc2zh)')
+    g.add_argument('--frame_sampling', default='uniform', choices=['first', 'uniform'],
+                   help='--text_model: videos over 64 frames are read as 64 spread over the video (uniform, '
+                        'default) or as their first 64; a checkpoint uses its own')
     g = p.add_argument_group('Queries')
     g.add_argument('--query', '-q', action='append', default=[], help='a query (repeatable), any language')
     g.add_argument('--second', action='append', default=[],
@@ -140,6 +154,21 @@ def interactive(searcher, k, as_json):
         emit(run_queries(searcher, [(query.strip(), english.strip() or None)], k), as_json)
 
 
+def build_searcher(args, device, amp):
+    """The Searcher of a checkpoint (--checkpoint) or, with no training, of a text model (--text_model)."""
+    common = dict(feature_dir=args.feature_dir, split=args.split, device=device, batch_size=args.batch_size,
+                  workers=args.workers, cache=bool(args.cache), cache_dir=args.cache_dir, index=args.index,
+                  faiss_index=args.faiss_index, weight=args.weight, clean=args.clean, scoring=args.scoring,
+                  prefilter=args.prefilter, amp=amp, log=lambda m: print(m, file=sys.stderr))
+    if (args.checkpoint is None) == (args.text_model is None):
+        raise DataError('give --checkpoint RUN_DIR (a trained model) or --text_model NAME (no training), one of them')
+    if args.text_model is not None:
+        return Searcher.zero_shot(args.text_model, args.rootpath, args.collection, args.feature,
+                                  data_type=args.data_type, frame_sampling=args.frame_sampling, **common)
+    return Searcher.from_checkpoint(args.checkpoint, args.rootpath, args.collection, args.feature,
+                                    bert_name=args.bert_name, **common)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[get_args_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,12 +190,7 @@ def _main(args):
     amp, message = resolve_amp(args.amp, device)
     if amp != 'off':
         print(message, file=sys.stderr)
-    searcher = Searcher.from_checkpoint(
-        args.checkpoint, args.rootpath, args.collection, args.feature, feature_dir=args.feature_dir, split=args.split,
-        bert_name=args.bert_name, device=device, batch_size=args.batch_size, workers=args.workers,
-        cache=bool(args.cache), cache_dir=args.cache_dir, index=args.index, faiss_index=args.faiss_index,
-        weight=args.weight, clean=args.clean, scoring=args.scoring, prefilter=args.prefilter, amp=amp,
-        log=lambda m: print(m, file=sys.stderr))
+    searcher = build_searcher(args, device, amp)
     results = []
     if pairs:
         results = run_queries(searcher, pairs, args.top_k)

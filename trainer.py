@@ -1,4 +1,6 @@
-"""Train NRCCR or MLCMR for cross-lingual text-to-video retrieval, then test the best checkpoint.
+"""Train NRCCR, MLCMR or mclip for cross-lingual text-to-video retrieval, then test the best checkpoint.
+
+mclip is the multilingual CLIP model (nets/mclip.py).
 
     # one process, CPU or one GPU (the toy collection, see README)
     python trainer.py --model nrccr --rootpath ~/VisualSearch --collection vatex --visual_feature i3d_kinetics
@@ -74,13 +76,15 @@ def get_args_parser():
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='nrccr', choices=sorted(models.MODELS))
-    g.add_argument('--bert_name', default='bert-base-multilingual-cased',
-                   help='hub id or local folder of the BERT text encoder (default bert-base-multilingual-cased)')
+    g.add_argument('--bert_name', '--text_model', dest='bert_name', default=None,
+                   help='hub id or local folder of the text encoder (NRCCR, MLCMR: a BERT, default '
+                        'bert-base-multilingual-cased; mclip: a sentence-transformers folder, a CLIP model or any '
+                        'transformers encoder, default sentence-transformers/clip-ViT-B-32-multilingual-v1)')
     g.add_argument('--tokenizer_lower_case', type=runs.bool_flag, default=True,
                    help='1 (parity): lower-case and strip accents even for the cased mBERT; 0: keep case')
-    g.add_argument('--frozen', default='frozen', choices=['frozen', 'all_frozen', 'finetune'],
-                   help="BERT fine-tuning: 'frozen' trains only --layer_list (default), 'all_frozen' none, "
-                        "'finetune' all")
+    g.add_argument('--frozen', default=None, choices=['frozen', 'all_frozen', 'finetune'],
+                   help="text encoder fine-tuning: 'frozen' trains only --layer_list (NRCCR, MLCMR default), "
+                        "'all_frozen' none, 'finetune' all (mclip default)")
     g.add_argument('--layer_list', nargs='+', default=None,
                    help='BERT layers to fine-tune (NRCCR scripts: layer.5 ... layer.11; MLCMR: layer.6 ... layer.11)')
     g.add_argument('--text_mapping_layers', default='0-1536', help='text mapping, first entry replaced (0-1536)')
@@ -126,6 +130,12 @@ def get_args_parser():
                    help='video levels: full = [GRU | CNN | mean], reduced = [GRU | CNN]')
     g.add_argument('--packed_gru', type=runs.bool_flag, default=False,
                    help='0 (parity): GRU runs over the padding; 1: packed sequences')
+
+    for cls in models.MODELS.values():          # flags only one model has (RetrievalModel.OWN_ARGS)
+        if cls.OWN_ARGS:
+            g = p.add_argument_group(cls.OWN_ARGS_TITLE)
+            for flag, kwargs in cls.OWN_ARGS:
+                g.add_argument(flag, **kwargs)
 
     g = p.add_argument_group('Loss')
     g.add_argument('--margin', type=float, default=0.2, help='triplet margin (0.2)')
@@ -226,13 +236,18 @@ def parse_args(argv=None):
 
 def finalize_args(args):
     """Validate and derive model-dependent defaults in one place (derived values get their own names)."""
-    defaults = models.MODELS[args.model].RUN_DEFAULTS
+    cls = models.MODELS[args.model]
+    defaults = cls.RUN_DEFAULTS
     resolve_visual_args(args)
+    drop_other_models_args(args)
+    args.run_name_flags = list(cls.RUN_NAME_FLAGS)
     args.cv_name = args.cv_name or defaults['cv_name']
     args.batch_size = args.batch_size or defaults['batch_size']
     args.val_batch_size = args.eval_batch_size or defaults['val_batch_size']
+    args.bert_name = args.bert_name or defaults['bert_name']
+    args.frozen = args.frozen or defaults['frozen']
     if args.layer_list is None:
-        args.layer_list = list(models.MODELS[args.model].DEFAULTS['trainable_layers'])
+        args.layer_list = list(cls.DEFAULTS['trainable_layers'] or [])
     dims = []
     for flag in ('text_mapping_layers', 'visual_mapping_layers'):
         try:
@@ -245,34 +260,31 @@ def finalize_args(args):
     return args
 
 
+def drop_other_models_args(args):
+    """Flags only another model has (RetrievalModel.OWN_ARGS) leave the namespace, so they are in no other
+    model's run (its run-folder hash stays what it was); one set away from its default is an error."""
+    for cls in models.MODELS.values():
+        if cls.name == args.model:
+            continue
+        for flag, kwargs in cls.OWN_ARGS:
+            dest = flag.lstrip('-')
+            if getattr(args, dest) != kwargs.get('default'):
+                raise SystemExit(f'error: {flag} is a flag of --model {cls.name}, not of --model {args.model}')
+            delattr(args, dest)
+
+
 def data_cfg_from_args(args):
     """The plain data config (basic/data_provider.py DATA_DEFAULTS) the data side is built from; stored in
-    every checkpoint beside model_cfg."""
-    return dp.data_config(**{k: getattr(args, k) for k in dp.DATA_DEFAULTS})
+    every checkpoint beside model_cfg. Its `model` names the caption scheme the model reads (CAPTIONS)."""
+    cfg = dp.data_config(**{k: getattr(args, k) for k in dp.DATA_DEFAULTS})
+    cfg['model'] = models.MODELS[args.model].CAPTIONS
+    return cfg
 
 
-def model_cfg_from_args(args, feat_dim):
-    """The plain config dict the model is built from (stored in every checkpoint)."""
-    common = dict(
-        bert_name=args.bert_name, trainable_layers=list(args.layer_list), frozen=args.frozen,
-        visual_feat_dim=feat_dim, mapping_dim=int(args.text_mapping_layers.split('-')[-1]),
-        mapping_dropout=args.dropout, margin=args.margin, max_violation=args.max_violation,
-        cost_style=args.cost_style, direction=args.direction, masked_pooling=args.masked_pooling,
-        dedup_negatives=args.dedup_negatives)
-    if args.model == 'nrccr':
-        return models.model_config(
-            'nrccr', **common, text_hidden_size=args.text_hidden_size, video_hidden_size=args.video_hidden_size,
-            text_num_attention=args.text_num_attention, visual_num_attention=args.visual_num_attention,
-            video_layer=args.video_layer, attn_scale_by_key=args.attn_scale == 'key', disc_type=args.disc_type,
-            disc_residual_on_relu=args.disc_residual == 'relu', tri_alpha=args.tri_alpha,
-            dtl_beta=args.dtl_beta, back_w=args.back_w, l1_gama=args.l1_gama, scale=args.scale,
-            dtl_detach_teacher=args.dtl_detach_teacher, feat_detach_teacher=args.feat_detach_teacher,
-            sim_ratio=args.sim_ratio, visual_encoder=image_data.visual_encoder(args.img_encoder)
-            if args.model_type == 'img' else 'transformer')
-    return models.model_config(
-        'mlcmr', **common, visual_rnn_size=args.visual_rnn_size, visual_kernel_num=args.visual_kernel_num,
-        visual_kernel_sizes=[int(k) for k in args.visual_kernel_sizes.split('-')], concate=args.concate,
-        packed_gru=args.packed_gru, train_mode=args.train_mode)
+def model_cfg_from_args(args, store):
+    """The plain config dict the model is built from (stored in every checkpoint): the model class maps the
+    flags (and the training features' store) to it."""
+    return models.MODELS[args.model].config_from_args(args, store)
 
 
 def check_inputs(args):
@@ -283,7 +295,7 @@ def check_inputs(args):
     if not os.path.isdir(collection):
         raise DataError(f'{collection}: no such collection folder; check --rootpath and --collection (a collection '
                         'is a folder holding FeatureData/ and TextData/)')
-    if args.model_type == 'img' and args.model != 'nrccr':
+    if args.model_type == 'img' and not models.MODELS[args.model].IMAGES:
         raise DataError(f'{collection}: image collections are trained with NRCCR only; pass --model nrccr')
     features = paths.feature_dir(args.rootpath, args.collection, args.visual_feature)
     if not os.path.isdir(features):
@@ -354,14 +366,15 @@ def seed_and_backends(args, run):
 def build_data(args, data_cfg, run):
     """Tokenizer, visual stores (video: one for all splits; images: one per split), training set and loader,
     validation data."""
-    tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
+    cls = models.MODELS[args.model]
+    tokenizer = cls.build_tokenizer(data_cfg)
     stores = dp.open_stores(args.rootpath, data_cfg, ('train', data_cfg['val_split']))
     store, val_store = stores['train'], stores[data_cfg['val_split']]
     if val_store.dim != store.dim:
         raise DataError(f'{val_store.path}: {val_store.dim}-d features but the training features {store.path} '
                         f'have {store.dim}; both splits must come from the same extractor')
     table = dp.train_table(args.rootpath, data_cfg, tokenizer)
-    train_set = dp.TrainDataset(table, store, augment=args.model == 'mlcmr', mask_id=tokenizer.mask_token_id,
+    train_set = dp.TrainDataset(table, store, augment=cls.AUGMENT, mask_id=tokenizer.mask_token_id,
                                 frame_sampling=data_cfg['frame_sampling'], seed=args.seed)
     val = dp.EvalData(args.rootpath, data_cfg, data_cfg['val_split'], tokenizer, val_store, purpose='val')
     sampler = None
@@ -644,7 +657,7 @@ def _main(args):
         return rerun_finished(args, run)
     seed_and_backends(args, run)
     data = build_data(args, data_cfg_from_args(args), run)
-    net = build_model(args, model_cfg_from_args(args, data.store.dim), run)
+    net = build_model(args, model_cfg_from_args(args, data.store), run)
     seed_everything(args.seed + run.rank)
     state = resume(args, run, net)
     train_loop(args, run, data, net, state)

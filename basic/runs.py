@@ -27,7 +27,7 @@ RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume
                            'skip_test', 'compile', 'postfix', 'cv_name', 'strict'})
 # Both stay out of the configuration hash; values the trainer derives (val_batch_size, amp_resolved) follow
 # their flag.
-NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size', 'amp_resolved'}
+NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size', 'amp_resolved', 'run_name_flags'}
 # Flags of image runs: in the hash of image runs only, so a video run keeps the folder it had before images.
 IMAGE_ONLY_ARGS = frozenset({'model_type', 'img_encoder', 'task', 'clean_eval'})
 
@@ -87,12 +87,9 @@ def config_hash(args):
 
 
 def run_name(args):
-    """Readable run name with the configuration in it; the hash separates every other difference."""
-    parts = [args.model, args.visual_feature]
-    if args.model == 'nrccr':
-        parts += [args.data_type, args.disc_type]
-    else:
-        parts += [args.train_mode, args.label_situation, args.target_language]
+    """Readable run name with the configuration in it: the model, the feature and the flags its class names
+    (`args.run_name_flags`, set by the trainer from RUN_NAME_FLAGS); the hash separates every other difference."""
+    parts = [args.model, args.visual_feature] + [str(getattr(args, k)) for k in args.run_name_flags]
     return '_'.join(parts + [f'cfg{config_hash(args)}'])
 
 

@@ -1,9 +1,15 @@
-"""Text-to-video search with a trained checkpoint: the Python API behind search.py (docs/search.md).
+"""Text-to-video search with a trained checkpoint, or with no training from a multilingual CLIP text model: the
+Python API behind search.py (docs/search.md).
 
     from util.searcher import Searcher
     s = Searcher.from_checkpoint('RUN_DIR', '~/VisualSearch', 'mine', 'clip_b32')
+    s = Searcher.zero_shot('sentence-transformers/clip-ViT-B-32-multilingual-v1', '~/VisualSearch', 'mine', 'clip_b32')
     for result in s.search(['一只狗在冲浪', 'a dog surfing'], k=10):
         print(result.query, [(h.rank, h.video_id, h.score) for h in result.hits])
+
+Zero-shot (`Searcher.zero_shot`): the model is the untrained multilingual CLIP model (nets/mclip.py), built from
+the text model alone; everything below applies to it as to a checkpoint, with the gallery cache in
+`<feature folder>/search_cache/` and the text model's identity (hub id, or its folder's files) in the key.
 
 Gallery. Every video of a feature folder (video2frames order), or with `split=` the videos of that split's
 caption files, in the order the tester reads them. It is encoded once with the checkpoint
@@ -136,6 +142,21 @@ def file_identity(path):
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
+def folder_identity(name):
+    """A model's identity for cache keys: a hub id as it is; a folder as the identities of its files."""
+    if not os.path.isdir(name):
+        return name
+    return [file_identity(os.path.join(d, f)) for d, _, files in sorted(os.walk(name)) for f in sorted(files)]
+
+
+def _feature_dir(rootpath, data_cfg, who):
+    collection, feature = data_cfg['collection'], data_cfg['visual_feature']
+    if not (rootpath and collection and feature):
+        raise DataError(f'give feature_dir, or rootpath, collection and feature ({who} names '
+                        f'collection={collection!r}, feature={feature!r})')
+    return paths.feature_dir(rootpath, collection, feature)
+
+
 def prepare_text(text, rule):
     if rule == 'en' or (rule == 'auto' and text.isascii()):
         return clean_english(text)
@@ -152,13 +173,22 @@ def default_weight(model, data_cfg):
 
 # ============ gallery cache ============
 
+def encode_gallery(model, dataset, batch_size, device, workers=0):
+    """Embeddings [N, D] (CPU float32, the model's output) of a dataset of (pseudo-)videos, in dataset order, in
+    consecutive batches of `batch_size` (evaluation.encode_videos, the tester's batching)."""
+    return evaluation.encode_videos(model, dataset, batch_size, device, workers)
+
+
 def _cache_key(meta):
     return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers=0,
-                           frame_sampling='first', log=logger.info):
-    """(video embeddings [N, D] CPU float32, cache folder or None): from the cache when its key matches."""
+def load_or_encode_gallery(model, dataset, video_ids, meta, cache_dir, batch_size, device, workers=0,
+                           log=logger.info):
+    """(video embeddings [N, D] CPU float32, cache folder or None) of `dataset` (items {'index', 'video'}, as
+    basic/data_provider.VideoDataset serves them: whole videos, or any pseudo-videos such as windows of frames)
+    whose rows are named `video_ids`: from the cache when its key (`meta`) matches, else encoded
+    (`encode_gallery`) and cached."""
     folder = os.path.join(cache_dir, _cache_key(meta)) if cache_dir else None
     if folder and os.path.isfile(os.path.join(folder, 'video_emb.npy')):
         emb = np.load(os.path.join(folder, 'video_emb.npy'))
@@ -168,8 +198,7 @@ def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size,
             log(f'gallery: {len(video_ids)} videos from the cache {folder}')
             return torch.from_numpy(emb), folder
     log(f'gallery: encoding {len(video_ids)} videos')
-    dataset = dp.VideoDataset(video_ids, store, frame_sampling=frame_sampling)
-    emb = evaluation.encode_videos(model, dataset, batch_size, device, workers)
+    emb = encode_gallery(model, dataset, batch_size, device, workers)
     if folder:
         try:
             tmp = f'{folder}.tmp{os.getpid()}'
@@ -376,59 +405,91 @@ class Searcher:
         <feature>); feature_dir overrides the three. split: gallery = the videos of that split's caption files,
         read with the checkpoint's data config as the tester reads them. cache_dir: where gallery caches go
         (default <checkpoint folder>/search_cache); cache=False: none."""
-        log = log or logger.info
         path = resolve_checkpoint(checkpoint)
         model, train_args = models.load_model(path, bert_name)
-        device = torch.device(device)
-        model.to(device).eval()
         data_cfg = dp.checkpoint_data_config(path, train_args)
         for key, value in (('collection', collection), ('visual_feature', feature), ('bert_name', bert_name)):
             if value is not None:
                 data_cfg[key] = value
-        collection, feature = data_cfg['collection'], data_cfg['visual_feature']
         rootpath = os.path.expanduser(rootpath or train_args.get('rootpath') or os.path.join('~', 'VisualSearch'))
-        if feature_dir is None:
-            if not (rootpath and collection and feature):
-                raise DataError('give feature_dir, or rootpath, collection and feature (the checkpoint names '
-                                f'collection={collection!r}, feature={feature!r})')
-            feature_dir = paths.feature_dir(rootpath, collection, feature)
+        feature_dir = feature_dir or _feature_dir(rootpath, data_cfg, 'the checkpoint')
         store = dp.FrameStore(feature_dir)
         if store.dim != model.cfg['visual_feat_dim']:
             raise DataError(f'{feature_dir}: features have {store.dim} dims but the checkpoint {path} expects '
                             f'{model.cfg["visual_feat_dim"]}; use features made like its training features')
-        tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
-        is_mlcmr = data_cfg['model'] == 'mlcmr'
-        batch_size = batch_size or models.MODELS[data_cfg['model']].RUN_DEFAULTS['test_batch_size']
-        frame_sampling = data_cfg['frame_sampling']
+        cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), CACHE_DIR_NAME)
+        searcher = cls._over_gallery(model, data_cfg, rootpath, store, {'checkpoint': file_identity(path)}, split,
+                                     device, batch_size, workers, cache_dir if cache else None, index, faiss_index,
+                                     weight, clean, scoring, prefilter, amp, log)
+        searcher.checkpoint = path
+        return searcher
 
+    # ---- construction with no training ----
+    @classmethod
+    def zero_shot(cls, text_model, rootpath=None, collection=None, feature=None, *, feature_dir=None, split=None,
+                  data_type='google_enc2zh', frame_sampling='uniform', device='cpu', batch_size=None, workers=0,
+                  cache=True, cache_dir=None, index='exact', faiss_index='Flat', weight=None, clean='raw',
+                  scoring='auto', prefilter='auto', amp='off', log=None):
+        """A Searcher with no training (docs/search.md, 'No training: multilingual CLIP'): a video is the mean of its
+        l2-normalised CLIP frame embeddings, a query the embedding of `text_model` (a multilingual
+        sentence-transformers CLIP text model, e.g. sentence-transformers/clip-ViT-B-32-multilingual-v1, or a CLIP
+        model for English), the score their cosine: the untrained multilingual CLIP model (model.zero_shot_model).
+
+        The feature folder is feature_dir, or <rootpath>/<collection>/FeatureData/<feature>; its features must
+        come from the CLIP the text model is aligned to (one-line error otherwise). split: gallery = the videos of
+        that split's caption files (NRCCR naming, `data_type`). Videos over 64 frames are read as 64 spread over the
+        video (`frame_sampling`). cache_dir: default <feature folder>/search_cache; the key covers the text model."""
+        rootpath = os.path.expanduser(rootpath or os.path.join('~', 'VisualSearch'))
+        data_cfg = dp.data_config(model=models.ZERO_SHOT.CAPTIONS, collection=collection,
+                                  visual_feature=feature, data_type=data_type, bert_name=text_model,
+                                  frame_sampling=frame_sampling)
+        feature_dir = feature_dir or _feature_dir(rootpath, data_cfg, 'zero-shot search')
+        store = dp.FrameStore(feature_dir)
+        model = models.zero_shot_model(text_model, feature_dir, store.dim)
+        identity = {'text_model': folder_identity(text_model)}
+        cache_dir = cache_dir or os.path.join(feature_dir, CACHE_DIR_NAME)
+        searcher = cls._over_gallery(model, data_cfg, rootpath, store, identity, split, device, batch_size, workers,
+                                     cache_dir if cache else None, index, faiss_index, weight, clean, scoring,
+                                     prefilter, amp, log)
+        searcher.text_model = text_model
+        return searcher
+
+    @classmethod
+    def _over_gallery(cls, model, data_cfg, rootpath, store, identity, split, device, batch_size, workers,
+                      cache_dir, index, faiss_index, weight, clean, scoring, prefilter, amp, log):
+        """The steps both constructors share: tokenizer, gallery ids (all videos, or a split's), the cached or
+        freshly encoded gallery, the Searcher. `identity` (what made the model) goes into the cache key."""
+        log = log or logger.info
+        device = torch.device(device)
+        model.to(device).eval()
+        model_class = type(model)
+        tokenizer = model_class.build_tokenizer(data_cfg)
+        batch_size = batch_size or model_class.RUN_DEFAULTS['test_batch_size']
+        frame_sampling = data_cfg['frame_sampling']
         if split:
-            if not (rootpath and collection):
+            if not (rootpath and data_cfg['collection']):
                 raise DataError(f'split={split!r} needs rootpath and collection')
-            target = data_cfg['target_language'] if is_mlcmr else None
-            table = dp.eval_table(rootpath, data_cfg, split, tokenizer, purpose='test', target_language=target)
+            table = dp.eval_table(rootpath, data_cfg, split, tokenizer, purpose='test',
+                                  target_language=dp.target_language(data_cfg))
             video_ids = table.videos
             store.check_videos(video_ids, table.files[paths.ROLE_PRIMARY])
             gallery = {'split': split, 'captions': file_identity(table.files[paths.ROLE_PRIMARY])}
         else:
             video_ids = list(store.video2frames)
-            store.check_videos(video_ids, os.path.join(feature_dir, 'video2frames.txt'))
+            store.check_videos(video_ids, os.path.join(store.path, 'video2frames.txt'))
             gallery = 'all'
-        meta = {'checkpoint': file_identity(path), 'gallery': gallery, 'batch_size': batch_size,
-                'frame_sampling': frame_sampling,
-                'features': [file_identity(os.path.join(feature_dir, n))
-                             for n in ('feature.bin', 'id.txt', 'video2frames.txt')]}
-        if cache:
-            cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), CACHE_DIR_NAME)
-        else:
-            cache_dir = None
-        emb, folder = load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers,
-                                             frame_sampling, log)
+        meta = dict(identity, gallery=gallery, batch_size=batch_size, frame_sampling=frame_sampling,
+                    features=[file_identity(os.path.join(store.path, n))
+                              for n in ('feature.bin', 'id.txt', 'video2frames.txt')])
+        dataset = dp.VideoDataset(video_ids, store, frame_sampling=frame_sampling)
+        emb, folder = load_or_encode_gallery(model, dataset, video_ids, meta, cache_dir, batch_size, device, workers,
+                                             log)
         weight = default_weight(model, data_cfg) if weight is None else weight
         if split and scoring == 'auto':
             scoring = 'dense'            # a split's gallery: the tester's arithmetic, bit for bit
         searcher = cls(model, tokenizer, video_ids, emb, device, batch_size, weight, clean, index, faiss_index, folder,
                        scoring=scoring, prefilter=prefilter, amp=amp)
-        searcher.checkpoint, searcher.feature_dir, searcher.cache_folder = path, feature_dir, folder
+        searcher.feature_dir, searcher.cache_folder = store.path, folder
         return searcher
 
     # ---- encoding ----
