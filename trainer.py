@@ -289,8 +289,8 @@ def model_cfg_from_args(args, store):
 
 def check_inputs(args):
     """The collection and its feature and caption folders exist (for an image collection also: the target
-    language, every caption file, each split's id file and features): checked before any run folder is made,
-    so a typo leaves nothing behind."""
+    language, every caption file, each split's id file and features), and what the model needs (its class's
+    check_inputs): checked before any run folder is made, so a typo leaves nothing behind."""
     collection = paths.collection_dir(args.rootpath, args.collection)
     if not os.path.isdir(collection):
         raise DataError(f'{collection}: no such collection folder; check --rootpath and --collection (a collection '
@@ -309,6 +309,7 @@ def check_inputs(args):
     if args.model_type == 'img':
         splits = ('train', args.val_split) + (() if args.skip_test else ('test',))
         image_data.check_image_collection(args.rootpath, data_cfg_from_args(args), splits)
+    models.MODELS[args.model].check_inputs(args)
 
 
 def seed_everything(seed):

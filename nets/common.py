@@ -117,7 +117,8 @@ class RetrievalModel(nn.Module):
     with MLCMR's masked / frame-dropped views), IMAGES (trains on image collections), RUN_NAME_FLAGS (flags
     named in the run folder), OWN_ARGS (flags only this model has, with their argparse keywords; they exist in
     its runs only, so other models' run folders do not change when a model is added), `config_from_args`
-    (the config dict from the trainer's flags) and `build_tokenizer` (the tokenizer of its text side).
+    (the config dict from the trainer's flags), `check_inputs` (what it needs, checked before a run folder is made)
+    and `build_tokenizer` (the tokenizer of its text side).
 
     Under DDP the trainer calls `set_distributed` with `gather` (all-gather with gradient, so in-batch
     negatives come from the global batch), `grad_sync` and `world_size`: terms computed on gathered
@@ -174,6 +175,10 @@ class RetrievalModel(nn.Module):
         """The model config from the trainer's parsed flags (`args`, a namespace) and the training features'
         store (`store.dim`, `store.path`)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_inputs(cls, args):
+        """What the model needs beyond the data, checked before any run folder is made (one-line DataError)."""
 
     @classmethod
     def build_tokenizer(cls, data_cfg):

@@ -194,6 +194,12 @@ class MCLIP(RetrievalModel):
                            feature_clip=feature_clip(feature_dir), feature_dir=feature_dir, zero_shot=True)
 
     @classmethod
+    def check_inputs(cls, args):
+        """The text tower is a known format, and sentence-transformers is installed when it needs it."""
+        if towers.tower_format(args.bert_name) == towers.ST_FORMAT:
+            towers.require_sentence_transformers()
+
+    @classmethod
     def build_tokenizer(cls, data_cfg):
         return towers.tower_tokenizer(data_cfg['bert_name'])
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import evaluation
 import loss as losses
 import model as models
 import search
@@ -26,7 +25,6 @@ from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip
 from basic.video2frames import read_video2frames, write_video2frames
 from conftest import REPO, tiny_train_argv
 from nets import text_towers as towers
-from nets.mclip import MCLIP
 from test_ddp import ddp_worker, free_port, slice_batch
 from test_run_reliability import assert_same_run, killed_run, result_metrics, run_argv
 from util.searcher import Searcher
@@ -272,6 +270,9 @@ def test_do_all_mclip_and_do_test_mclip(clip_root, tiny_st):
     assert record['train/c2kd'] >= 0 and 'train/temperature' in record
     out = _script('do_test_mclip.sh', clip_root, run_dir, 'cpu', '--eval_batch_size', '8', '--workers', '0')
     assert 'results written to' in out
+    # a fine-tuned checkpoint searches like any other
+    hits = Searcher.from_checkpoint(run_dir, clip_root, cache=False).search('a man is cooking', k=3)[0].hits
+    assert len(hits) == 3 and hits[0].score >= hits[1].score
 
 
 # ============ exact resume, DDP, AMP ============
@@ -431,6 +432,9 @@ def test_missing_sentence_transformers_is_one_line(clip_root, tiny_st, monkeypat
     msg = _one_line_error(['--text_model', tiny_st, '--feature_dir', fdir, '--query', 'x', '--cache_dir',
                            os.path.join(fdir, 'never')])
     assert 'pip install sentence-transformers' in msg and not os.path.exists(os.path.join(fdir, 'never'))
+    argv = mclip_argv(clip_root, 'no_st', tiny_st, '--num_epochs', '1')
+    assert 'pip install sentence-transformers' in _one_line_error(argv, main=trainer.main)
+    assert not os.path.exists(runs.run_dir(trainer.parse_args(argv)))
 
 
 def test_features_of_another_size_are_one_line(toy_root, tiny_st):

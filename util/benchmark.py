@@ -17,7 +17,7 @@ with random weights built from a config dict. Sections:
          (median ms; target < 50 ms); DataLoader samples/s with 0 and 2 workers. The features were just written,
          so the page cache is warm: these are memory speeds, not disk speeds.
   train  samples/s of the trainer's step, basic/training.py train_step (to device -> forward -> the NRCCR
-         discriminator step -> training_loss -> backward -> clip -> step),
+         discriminator step -> training_loss -> backward -> clip -> step), for NRCCR, MLCMR and mclip,
          median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder,
          in each precision of --amps (auto: fp32, plus bf16 where the device has it natively), side by side.
          CPU: batch 16; CUDA: the papers' batches (NRCCR 128, MLCMR 64), peak memory. MFU: the FLOPs of the
@@ -31,6 +31,7 @@ with random weights built from a config dict. Sections:
   image  util/bench/image.py: samples/s of the NRCCR image training step with cached CLIP features vs a CLIP
          forward per batch (ViT-B/32 and a bert-base-sized encoder; --quick: tiny ones), per device.
   search util/bench/search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
+         for a checkpoint's model and for search with no training (zero_shot_* rows),
          10k and 100k videos (--quick: tiny), per device.
   --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
          the top ops by self time, printed and stored.
@@ -80,10 +81,17 @@ ENCODERS = {
                       vocab_size=MBERT_VOCAB),
 }
 
+# The training-step section times these models. mclip (docs/models.md, 'Multilingual CLIP') runs with a transformers
+# encoder of the section's sizes as its text tower (a config, no download), a learned projection of the frames
+# into CLIP's 512 dims and mean pooling: the compute of a fine-tuning step on non-CLIP features.
+TRAIN_MODELS = ('nrccr', 'mlcmr', 'mclip')
+MCLIP_SETTINGS = dict(tower_format='encoder', video_projection=True, mapping_dim=512)
+
 # Sizes of a full run and of --quick. Steps: (warm-up, timed) training steps per configuration. The full run
 # keeps the papers' model sizes; --quick shrinks everything but the BERT, as tests/conftest.py does.
 FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
-            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), model_overrides={},
+            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS),
+            model_overrides={'mclip': MCLIP_SETTINGS},
             cpu_train_batch=16,
             cpu_steps=(1, 3), cuda_steps=(3, 10),
             cpu_eval=((15_000, 1_500), (100_000, 10_000)), cuda_eval=bench_metrics.CUDA_SIZES,
@@ -94,7 +102,8 @@ QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, g
              assembly_batches=3, loader_batches=3, encoders=('toy',),
              model_overrides={'nrccr': dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
                                             visual_num_attention=4, mapping_dim=48),
-                              'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48)},
+                              'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48),
+                              'mclip': dict(MCLIP_SETTINGS, mapping_dim=48)},
              cpu_train_batch=4,
              cpu_steps=(1, 1), cuda_steps=(1, 2),
              cpu_eval=((300, 30), (1200, 120)), cuda_eval=((300, 30), (1200, 120)), one_thread_eval=(300, 30),
@@ -355,8 +364,9 @@ def _mfu_text(row, per='sample'):
 
 def trainable_layers(model_name, num_layers):
     """The reference fine-tuning policy scaled to `num_layers`: NRCCR trains the top 7 of 12 BERT layers
-    (layer.5..11), MLCMR the top 6 (layer.6..11); at 12 layers this is exactly the model default."""
-    top = round(len(models.MODELS[model_name].DEFAULTS['trainable_layers']) * num_layers / 12)
+    (layer.5..11), MLCMR the top 6 (layer.6..11); at 12 layers this is exactly the model default. (mclip
+    fine-tunes its whole tower and has no list.)"""
+    top = round(len(models.MODELS[model_name].DEFAULTS['trainable_layers'] or []) * num_layers / 12)
     return [f'layer.{i}' for i in range(num_layers - top, num_layers)]
 
 
@@ -385,11 +395,12 @@ def bench_train(data, sizes, device, amp, peaks, notes):
     a note and the others still run."""
     warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
     rows = []
-    for name in ('nrccr', 'mlcmr'):
+    for name in TRAIN_MODELS:
         batch_size = (models.MODELS[name].RUN_DEFAULTS['batch_size'] if device.type == 'cuda'
                       else sizes['cpu_train_batch'])
-        # a few distinct batches (padded lengths differ), cycled over the steps
-        batches = [data.batch(name, batch_size, seed=100 + i) for i in range(min(warmup + steps, 4))]
+        # a few distinct batches (padded lengths differ), cycled over the steps; mclip reads NRCCR's captions
+        batches = [data.batch(models.MODELS[name].CAPTIONS, batch_size, seed=100 + i)
+                   for i in range(min(warmup + steps, 4))]
         for encoder in sizes['encoders']:
             try:
                 row = _train_row(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), batches,
@@ -649,8 +660,9 @@ def bench_search_rows(devices, quick, indexes):
     indexes = tuple(i.strip() for i in indexes.split(',') if i.strip())
     for device in devices:
         with num_threads(torch.get_num_threads()):       # bench_search may set threads; undone here
-            found = bench_search.run(quick=quick, device=device, indexes=indexes,
-                                     log=lambda line: print(f'  {line}', flush=True))
+            log = lambda line: print(f'  {line}', flush=True)     # noqa: E731
+            found = bench_search.run(quick=quick, device=device, indexes=indexes, log=log)
+            found += bench_search.run_zero_shot(quick=quick, device=device, indexes=indexes, log=log)
         rows += [dict(device=str(device), name=n, value=v, unit=u, note=note) for n, v, u, note in found]
     return rows
 
