@@ -484,3 +484,21 @@ def test_zero_shot_evaluation_on_an_image_collection(tmp_path, tiny_st, tiny_cli
                        '--workers', '0'])
     assert set(out['metrics']) == {'w=1.0', 'w=0.8', 'w=0.5', 'w=0.2', 'w=0.0'}
     assert os.path.isfile(os.path.join(out['results_dir'], 'sims_primary.npy'))
+
+
+def test_benchmark_times_the_mclip_training_step(tmp_path):
+    from util import benchmark
+    report = benchmark.main(['--quick', '--device', 'cpu', '--only', 'train', '--train_models', 'nrccr,mclip',
+                             '--amps', 'off', '--out', str(tmp_path / 'b.json')])
+    rows = {r['model']: r for r in report['train']}
+    assert list(rows) == ['nrccr', 'mclip']
+    assert rows['mclip']['samples_per_s'] > 0 and 0 < rows['mclip']['mfu'] < 1 and rows['mclip']['flops_per_sample'] > 0
+
+
+def test_zero_shot_search_benchmark_smoke():
+    from util.bench import search as bench_search
+    rows = bench_search.run_zero_shot(quick=True, indexes=('exact',), log=lambda *_: None)
+    assert [r[0] for r in rows] == ['zero_shot_query_tokenise', 'zero_shot_query_text_encoder',
+                                    'zero_shot_search_exact_1000', 'zero_shot_query_exact_1000',
+                                    'zero_shot_search_exact_100000', 'zero_shot_query_exact_100000']
+    assert all(r[1] > 0 for r in rows) and 'dim 16' in rows[-1][3]

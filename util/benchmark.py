@@ -81,16 +81,17 @@ ENCODERS = {
                       vocab_size=MBERT_VOCAB),
 }
 
-# The training-step section times these models. mclip (docs/models.md, 'Multilingual CLIP') runs with a transformers
-# encoder of the section's sizes as its text tower (a config, no download), a learned projection of the frames
-# into CLIP's 512 dims and mean pooling: the compute of a fine-tuning step on non-CLIP features.
+# The training-step section times these models (--train_models; --quick: NRCCR and MLCMR). mclip (docs/models.md,
+# 'Multilingual CLIP') runs with a transformers encoder of the section's sizes as its text tower (a config, no
+# download), a learned projection of the frames into CLIP's 512 dims and mean pooling: the compute of a fine-tuning
+# step on non-CLIP features.
 TRAIN_MODELS = ('nrccr', 'mlcmr', 'mclip')
 MCLIP_SETTINGS = dict(tower_format='encoder', video_projection=True, mapping_dim=512)
 
 # Sizes of a full run and of --quick. Steps: (warm-up, timed) training steps per configuration. The full run
 # keeps the papers' model sizes; --quick shrinks everything but the BERT, as tests/conftest.py does.
 FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
-            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS),
+            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), train_models=TRAIN_MODELS,
             model_overrides={'mclip': MCLIP_SETTINGS},
             cpu_train_batch=16,
             cpu_steps=(1, 3), cuda_steps=(3, 10),
@@ -99,7 +100,7 @@ FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch
             peak_n_cpu=2048, peak_n_cuda=8192, peak_reps=5, profile_encoder='small',
             encode_captions=15_000, encode_encoder='small')
 QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, gather_reads=20,
-             assembly_batches=3, loader_batches=3, encoders=('toy',),
+             assembly_batches=3, loader_batches=3, encoders=('toy',), train_models=('nrccr', 'mlcmr'),
              model_overrides={'nrccr': dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
                                             visual_num_attention=4, mapping_dim=48),
                               'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48),
@@ -395,7 +396,7 @@ def bench_train(data, sizes, device, amp, peaks, notes):
     a note and the others still run."""
     warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
     rows = []
-    for name in TRAIN_MODELS:
+    for name in sizes['train_models']:
         batch_size = (models.MODELS[name].RUN_DEFAULTS['batch_size'] if device.type == 'cuda'
                       else sizes['cpu_train_batch'])
         # a few distinct batches (padded lengths differ), cycled over the steps; mclip reads NRCCR's captions
@@ -685,6 +686,8 @@ def get_args_parser():
     p.add_argument('--profile_rows', type=int, default=25, help='ops shown per profile table (default 25)')
     p.add_argument('--search_index', default='exact,faiss',
                    help='indexes of the search section (default exact,faiss; faiss is skipped when not installed)')
+    p.add_argument('--train_models', default=None,
+                   help=f'models of the train section (default {",".join(TRAIN_MODELS)}; --quick: nrccr,mlcmr)')
     p.add_argument('--eval_budget', type=float, default=180.0,
                    help='skip a metrics size predicted to take longer than this many seconds (default 180)')
     return p
@@ -720,6 +723,12 @@ def main(argv=None):
         parser.error(f'--amps {args.amps}: expected auto or a comma-separated subset of off,fp16,bf16')
     devices = _devices(args.device, parser)
     sizes = QUICK if args.quick else FULL
+    if args.train_models:
+        names = tuple(n.strip() for n in args.train_models.split(',') if n.strip())
+        if not names or set(names) - set(TRAIN_MODELS):
+            parser.error(f'--train_models {args.train_models}: expected a comma-separated subset of '
+                         f'{",".join(TRAIN_MODELS)}')
+        sizes = dict(sizes, train_models=names)
     amps_of = lambda device: train_amps(device, args.amps)       # noqa: E731
     with num_threads(args.threads or torch.get_num_threads()):
         if any(d.type == 'cuda' for d in devices):      # as the trainer runs
