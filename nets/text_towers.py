@@ -211,11 +211,14 @@ def _without_pooler(load):
 
 
 def load_tower(name, fmt, config=None):
-    if fmt == ST_FORMAT:
-        return SentenceTransformerTower(name)
-    if fmt == CLIP_FORMAT:
-        return ClipTextTower(name)
-    return EncoderTower(name, config)
+    """The tower of format `fmt`. Loading leaves the global RNG as it was (a library may initialise weights
+    before loading them), so what is built after it starts from the same random state however it loads."""
+    with torch.random.fork_rng(devices=[]):
+        if fmt == ST_FORMAT:
+            return SentenceTransformerTower(name)
+        if fmt == CLIP_FORMAT:
+            return ClipTextTower(name)
+        return EncoderTower(name, config)
 
 
 # ============ tokenizers ============
@@ -261,4 +264,7 @@ class TowerTokenizer:
 
 @functools.lru_cache(maxsize=4)
 def tower_tokenizer(name):
-    return TowerTokenizer(name, tower_format(name))
+    """The tokenizer of tower `name`, loaded once per process; loading leaves the global RNG as it was (a cached
+    tokenizer and a freshly loaded one must not change a run's random numbers)."""
+    with torch.random.fork_rng(devices=[]):
+        return TowerTokenizer(name, tower_format(name))
