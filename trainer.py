@@ -6,7 +6,8 @@
     torchrun --standalone --nproc_per_node=2 trainer.py --model nrccr ...
 
 Re-running the same command continues an interrupted run from its last checkpoint, tests a finished run
-whose test results are missing, and otherwise skips it (`--overwrite 1` starts again, clean). Every epoch:
+whose test results are missing, and otherwise skips it (`--overwrite 1` trains again; the previous run is
+kept aside until the new one's first checkpoint, docs/training.md, 'Overwriting a run'). Every epoch:
 train one pass, validate, update the learning rate, checkpoint, write the history, check early stopping
 (docs/training.md, 'Schedule').
 """
@@ -161,7 +162,9 @@ def get_args_parser():
     g = p.add_argument_group('Run')
     g.add_argument('--cv_name', default=None, help='run-folder component (NRCCR MM_2022, MLCMR mlcmr)')
     g.add_argument('--postfix', default='runs_0', help='last run-folder component (runs_0)')
-    g.add_argument('--overwrite', type=int, default=0, help='1: train again even if the run finished')
+    g.add_argument('--overwrite', type=int, default=0,
+                   help='1: train again even if the run finished (the previous run is deleted only once the new '
+                        'one saved its first checkpoint)')
     g.add_argument('--resume', default='',
                    help="checkpoint to resume from; by default an unfinished run resumes from its checkpoint_last")
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
