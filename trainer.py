@@ -145,7 +145,7 @@ def get_args_parser():
                    help='maximum epochs (50); 0 saves and tests the untrained model (a baseline)')
     g.add_argument('--batch_size', type=int, default=None, help='per process (NRCCR 128, MLCMR 64)')
     g.add_argument('--eval_batch_size', type=int, default=None,
-                   help='validation and test batch (default: validation NRCCR 128, MLCMR the training batch; test '
+                   help='validation and test batch (default: validation the training batch, as the originals; test '
                         'NRCCR 64, MLCMR 16; it changes padded pooling, keep it for parity)')
     g.add_argument('--early_stop', type=int, default=10,
                    help='stop after more than this many epochs without improvement (10)')
@@ -235,7 +235,8 @@ def finalize_args(args):
     resolve_visual_args(args)
     args.cv_name = args.cv_name or defaults['cv_name']
     args.batch_size = args.batch_size or defaults['batch_size']
-    args.val_batch_size = args.eval_batch_size or defaults['val_batch_size'] or args.batch_size
+    # both originals build their validation loaders with the training batch size (docs/training.md, 'Validation score')
+    args.val_batch_size = args.eval_batch_size or args.batch_size
     if args.layer_list is None:
         args.layer_list = list(models.MODELS[args.model].DEFAULTS['trainable_layers'])
     dims = []

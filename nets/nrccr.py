@@ -222,8 +222,8 @@ class Discriminator(nn.Module):
 class NRCCR(RetrievalModel):
     name = 'nrccr'
     fusion_normalize = True          # docs/evaluation.md, 'Fusion': min-max normalise before fusing
-    # per-process training batch, validation batch, test batch (the references' values), run-folder part
-    RUN_DEFAULTS = dict(batch_size=128, val_batch_size=128, test_batch_size=64, cv_name='MM_2022')
+    # per-process training batch, test batch (the tester's 64), run-folder part; validation uses the training batch
+    RUN_DEFAULTS = dict(batch_size=128, test_batch_size=64, cv_name='MM_2022')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(5, 12)],

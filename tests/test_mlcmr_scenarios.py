@@ -51,9 +51,9 @@ def test_other_language_does_not_overwrite_results(toy_root):
         assert 'toytest.caption.txt' in f.read()             # English queries for target en
 
 
-@pytest.mark.parametrize('model,batch,expected', [('mlcmr', 12, 12), ('nrccr', 12, 128)])
+@pytest.mark.parametrize('model,batch,expected', [('mlcmr', 12, 12), ('nrccr', 12, 12)])
 def test_validation_batch_follows_the_original(toy_root, monkeypatch, model, batch, expected):
-    """The MLCMR original validates with its training batch size (NRCCR's default is 128): read off the run's
+    """Both originals validate with their training batch size (only their testers use 64 / 16): read off the run's
     args.json and off the batches validation encoded."""
     import evaluation
     seen, real = [], evaluation.encode_split
