@@ -448,6 +448,13 @@ def test_the_page_in_a_browser(served_demo, demo_run, tmp_path):
         assert len(hits) == 3 and colour_of[hits[0].get_attribute('data-video')] == 1
         assert driver.find_element(By.ID, 'moments').is_selected()
         assert '–' in hits[0].find_element(By.CSS_SELECTOR, '.time').text
+        start, end = (float(hits[0].get_attribute(f'data-{x}')) for x in ('start', 'end'))
+        hits[0].click()                                      # a moment plays its range
+        wait.until(lambda d: d.execute_script("const v = document.querySelector('#results video');"
+                                              "return v && v.readyState >= 2 && v.currentTime >= arguments[0]",
+                                              start - 0.01))
+        src = driver.execute_script("return document.querySelector('#results video').src")
+        assert src.endswith(f'#t={start:.3f},{end:.3f}') and end - start <= 1.0
         driver.save_screenshot(str(tmp_path / 'page_moments.png'))
     finally:
         driver.quit()
