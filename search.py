@@ -98,6 +98,20 @@ def get_args_parser():
 
 # ============ steps ============
 
+def check_flags(args):
+    """Values no search can use stop the command with one line (before the model is loaded)."""
+    if args.top_k < 1:
+        raise DataError(f'-k {args.top_k}: the number of results per query must be at least 1')
+    if args.weight is not None and not 0.0 <= args.weight <= 1.0:
+        raise DataError(f'--weight {args.weight:g}: the fusion weight on the English text must be in [0, 1] '
+                        '(0: the query alone, 1: the English text alone)')
+    if args.batch_size is not None and args.batch_size < 1:
+        raise DataError(f'--batch_size {args.batch_size}: must be at least 1')
+    empty = [i for i, q in enumerate(args.query, 1) if not q.strip()]
+    if empty:
+        raise DataError(f'--query number {empty[0]} is empty; give a text to search for')
+
+
 def read_queries(args):
     """[(query, english or None)] from --query/--second and --queries_file."""
     if args.second and len(args.second) != len(args.query):
@@ -113,11 +127,17 @@ def read_queries(args):
                     text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f'{source}: cannot read queries ({e}); one UTF-8 query per line') from None
-        for line in text.split('\n'):
+        before = len(pairs)
+        for line_no, line in enumerate(text.split('\n'), 1):
             line = line.strip('\r\n')
             if line.strip():
                 query, _, english = line.partition('\t')
+                if not query.strip():
+                    raise DataError(f'{source}:{line_no}: the query before the tab is empty; one query per line, '
+                                    'optionally "query<TAB>english"')
                 pairs.append((query.strip(), english.strip() or None))
+        if len(pairs) == before:
+            raise DataError(f'{source}: no queries (the file is empty or blank); one query per line')
     return pairs
 
 
@@ -219,6 +239,7 @@ def main(argv=None):
 def _main(args):
     logging.basicConfig(level=logging.INFO, format='%(message)s', stream=sys.stderr)
     from basic import distributed as dist
+    check_flags(args)
     pairs = read_queries(args)
     try:
         device = dist.resolve_device(args.device)

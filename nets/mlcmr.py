@@ -45,7 +45,9 @@ class MultiLevelVideoEncoder(nn.Module):
 class MLCMR(RetrievalModel):
     name = 'mlcmr'
     fusion_normalize = False         # docs/evaluation.md, 'Fusion': raw errors are fused
-    RUN_DEFAULTS = dict(batch_size=64, val_batch_size=16, test_batch_size=16, cv_name='mlcmr')
+    # val_batch_size None: the training batch size (the original builds its validation loaders with
+    # opt.batch_size; only its tester uses 16)
+    RUN_DEFAULTS = dict(batch_size=64, val_batch_size=None, test_batch_size=16, cv_name='mlcmr')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(6, 12)],

@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny toy collection with a tiny local BERT, built once per test session."""
+import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +98,33 @@ def interrupt_after_epochs(monkeypatch, argv, epochs=1):
     with pytest.raises(KeyboardInterrupt):
         trainer.main(argv)
     monkeypatch.setattr(trainer, 'train_one_epoch', real_epoch)
+
+
+# Runs <module>.main(argv) and kills its own process (SIGKILL, as `kill -9`) just before the nth os.replace
+# onto a path whose base name is `target`: that rename (a checkpoint's, a file moved aside, ...) never happens.
+KILL_DRIVER = r'''
+import importlib, json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+module, target, nth, argv = sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+real_replace, seen = os.replace, [0]
+
+def replace(src, dst, *a, **k):
+    if os.path.basename(str(dst)) == target:
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *a, **k)
+
+os.replace = replace
+importlib.import_module(module).main(argv)
+'''
+
+
+def run_killed(module, argv, target, nth, tmp_path):
+    """`module`.main(argv) (trainer, tester) in a subprocess killed at the nth os.replace onto `target`."""
+    driver = tmp_path / 'kill_driver.py'
+    driver.write_text(KILL_DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, str(driver), str(REPO), module, target, str(nth), json.dumps(argv)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]

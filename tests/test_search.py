@@ -11,6 +11,7 @@ import evaluation
 import search
 import tester
 import trainer
+from basic import checkpoint as ckpt
 from basic.captions import match_captions, read_captions
 from conftest import tiny_train_argv
 from util.searcher import LowPrecisionGallery, Searcher, topk_stable, unit64
@@ -157,6 +158,62 @@ def test_gallery_cache_is_reused_until_features_change(tested_run, toy_root, tmp
         assert logs[0].startswith('gallery: encoding') and third.cache_folder != folder
     finally:
         os.utime(feature_bin, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_retrained_checkpoint_of_the_same_size_is_encoded_again(tested_run, toy_root, tmp_path):
+    """Retraining rewrites model_best.pth.tar with the same configuration, usually the same byte size: the
+    cache key holds its modification time, so the new weights' gallery is encoded, never the stale one."""
+    _, run_dir, _ = tested_run
+    path = str(tmp_path / 'run' / 'model_best.pth.tar')
+    os.makedirs(os.path.dirname(path))
+    saved = torch.load(os.path.join(run_dir, 'model_best.pth.tar'), weights_only=True)
+    ckpt.save_checkpoint(saved, path)
+    cache = str(tmp_path / 'cache')
+    first = Searcher.from_checkpoint(path, toy_root, cache_dir=cache)
+    size, mtime = os.path.getsize(path), os.stat(path).st_mtime_ns
+    saved['model']['video_mapping.fc1.weight'].neg_()        # "retrained": other weights, same layout
+    ckpt.save_checkpoint(saved, path)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))      # a later save, whatever the clock's resolution
+    assert os.path.getsize(path) == size                     # same path, same size: only the time tells
+    logs = []
+    second = Searcher.from_checkpoint(path, toy_root, cache_dir=cache, log=logs.append)
+    assert logs[0].startswith('gallery: encoding') and second.cache_folder != first.cache_folder
+    fresh = Searcher.from_checkpoint(path, toy_root, cache=False)
+    assert torch.equal(second.video_emb, fresh.video_emb) and not torch.equal(second.video_emb, first.video_emb)
+
+
+def folder_bytes(folder):
+    out = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), 'rb') as f:
+            out[name] = f.read()
+    return out
+
+
+def test_unreadable_cache_is_encoded_again_and_a_failed_write_keeps_nothing(tested_run, toy_root, tmp_path,
+                                                                           monkeypatch):
+    _, run_dir, _ = tested_run
+    cache = str(tmp_path / 'cache')
+    first = Searcher.from_checkpoint(run_dir, toy_root, cache_dir=cache)
+    emb_file = os.path.join(first.cache_folder, 'video_emb.npy')
+    with open(emb_file, 'r+b') as f:                         # a torn write: half the file
+        f.truncate(os.path.getsize(emb_file) // 2)
+    logs = []
+    second = Searcher.from_checkpoint(run_dir, toy_root, cache_dir=cache, log=logs.append)
+    assert 'unreadable' in logs[0] and logs[1].startswith('gallery: encoding')
+    assert second.cache_folder == first.cache_folder and torch.equal(second.video_emb, first.video_emb)
+    assert sorted(os.listdir(cache)) == [os.path.basename(first.cache_folder)]     # old folder replaced, no strays
+    with open(emb_file, 'r+b') as f:
+        f.truncate(10)
+    before = folder_bytes(first.cache_folder)
+
+    def full_disk(*a, **k):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'save', full_disk)
+    third = Searcher.from_checkpoint(run_dir, toy_root, cache_dir=cache)
+    assert third.cache_folder is None and torch.equal(third.video_emb, first.video_emb)
+    assert sorted(os.listdir(cache)) == [os.path.basename(first.cache_folder)]     # no temporary folder left
+    assert folder_bytes(first.cache_folder) == before                              # the old folder untouched
 
 
 def test_faiss_flat_index_gives_the_exact_ranking(tested_run, toy_root, tmp_path):

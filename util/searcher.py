@@ -74,6 +74,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -166,15 +167,14 @@ def _cache_key(meta):
 
 def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers=0,
                            frame_sampling='first', log=logger.info, dataset=None, what='videos'):
-    """(video embeddings [N, D] CPU float32, cache folder or None): from the cache when its key matches.
+    """(video embeddings [N, D] CPU float32, cache folder or None): from the cache when its key matches and its
+    files read back whole, else encoded (and cached; a failed encoding or write leaves the cache as it was).
     `dataset`: the items to encode (default the videos `video_ids` of `store`; Moments: their windows, one row
     per item, `video_ids` then names each row's video)."""
     folder = os.path.join(cache_dir, _cache_key(meta)) if cache_dir else None
     if folder and os.path.isfile(os.path.join(folder, 'video_emb.npy')):
-        emb = np.load(os.path.join(folder, 'video_emb.npy'))
-        with open(os.path.join(folder, 'video_ids.txt'), encoding='latin-1') as f:
-            cached_ids = f.read().split('\n')[:-1]
-        if cached_ids == list(video_ids) and len(emb) == len(video_ids):
+        emb = read_cached_gallery(folder, video_ids, log)
+        if emb is not None:
             log(f'gallery: {len(video_ids)} {what} from the cache {folder}')
             return torch.from_numpy(emb), folder
     log(f'gallery: encoding {len(video_ids)} {what}')
@@ -183,22 +183,57 @@ def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size,
     emb = evaluation.encode_videos(model, dataset, batch_size, device, workers)
     if folder:
         try:
-            tmp = f'{folder}.tmp{os.getpid()}'
-            os.makedirs(tmp, exist_ok=True)
-            np.save(os.path.join(tmp, 'video_emb.npy'), emb.numpy().astype(np.float32))
-            with open(os.path.join(tmp, 'video_ids.txt'), 'w', encoding='latin-1') as f:
-                f.write(''.join(f'{v}\n' for v in video_ids))
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-                json.dump(meta, f, indent=2)
-            if os.path.isdir(folder):               # a stale partial folder (ids changed): replace it
-                import shutil
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            write_cached_gallery(folder, emb, video_ids, meta)
             log(f'gallery cached in {folder}')
         except OSError as e:
             logger.warning('could not write the gallery cache %s (%s); continuing without it', folder, e)
             folder = None
     return emb, folder
+
+
+def read_cached_gallery(folder, video_ids, log):
+    """The cached embeddings of `video_ids`, or None when the folder's files are unreadable (truncated, torn)
+    or hold other videos: a miss, encoded again."""
+    try:
+        emb = np.load(os.path.join(folder, 'video_emb.npy'))
+        with open(os.path.join(folder, 'video_ids.txt'), encoding='latin-1') as f:
+            cached_ids = f.read().split('\n')[:-1]
+    except (OSError, ValueError, EOFError) as e:
+        log(f'gallery cache {folder} unreadable ({type(e).__name__}): encoding again')
+        return None
+    if cached_ids != list(video_ids) or emb.ndim != 2 or len(emb) != len(video_ids):
+        return None
+    return emb
+
+
+def write_cached_gallery(folder, emb, video_ids, meta):
+    """Write the cache folder whole in a temporary folder, then move it into place; a folder already there
+    (unreadable, or of other videos) is moved away first and deleted only once the new one is in place. A
+    failed write removes its temporary folder and leaves `folder` as it was."""
+    tmp = f'{folder}.tmp{os.getpid()}'
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        np.save(os.path.join(tmp, 'video_emb.npy'), emb.numpy().astype(np.float32))
+        with open(os.path.join(tmp, 'video_ids.txt'), 'w', encoding='latin-1') as f:
+            f.write(''.join(f'{v}\n' for v in video_ids))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=2)
+        old = None
+        if os.path.isdir(folder):
+            old = f'{folder}.old{os.getpid()}'
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                os.replace(old, folder)
+                raise
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ============ what a gallery is encoded from: videos, or windows of them (moments) ============
@@ -561,6 +596,8 @@ class Searcher:
     # ---- search ----
     def search(self, queries, k=10, second=None, weight=None, clean=None):
         """[Result] per query: the k best videos (rank, video id, score), best first."""
+        if int(k) < 1:
+            raise ValueError(f'k={k}: ask for at least one result per query')
         if isinstance(queries, str):
             queries = [queries]
         if isinstance(second, str):
@@ -727,12 +764,14 @@ def build_faiss_index(video_emb, factory='Flat', cache_folder=None, device=torch
     faiss = _require_faiss()
     name = 'faiss_' + ''.join(c if c.isalnum() else '_' for c in factory) + '.index'
     path = os.path.join(cache_folder, name) if cache_folder else None
+    index = None
     if path and os.path.isfile(path):
-        index = faiss.read_index(path)
-        if index.ntotal != len(video_emb) or index.d != video_emb.shape[1]:
+        try:
+            index = faiss.read_index(path)
+        except RuntimeError:            # truncated or corrupt: built again below
             index = None
-    else:
-        index = None
+        if index is not None and (index.ntotal != len(video_emb) or index.d != video_emb.shape[1]):
+            index = None
     if index is None:
         x = np.ascontiguousarray(video_emb, dtype=np.float32)
         try:
@@ -745,8 +784,13 @@ def build_faiss_index(video_emb, factory='Flat', cache_folder=None, device=torch
         index.add(x)
         if path:
             tmp = f'{path}.tmp{os.getpid()}'
-            faiss.write_index(index, tmp)
-            os.replace(tmp, path)
+            try:
+                faiss.write_index(index, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
     if device.type == 'cuda' and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
     return index
