@@ -25,6 +25,35 @@ def toy_root(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+    """The demo of README 'Search your own videos', once per session: generated coloured .mp4 files, their
+    features (with frame times and thumbnails) and a toy MLCMR run; a dict of make_demo's paths plus root,
+    feature_dir and run_dir."""
+    pytest.importorskip('av', reason='PyAV is optional (requirements-optional.txt): pip install av')
+    import logging
+    import trainer
+    from util import extract_features
+    from util.make_demo_videos import COLLECTION, make_demo
+    root = str(tmp_path_factory.mktemp('demo'))
+    demo = make_demo(root)
+    feature_dir = os.path.join(root, COLLECTION, 'FeatureData', 'tiny_clip')
+    extract_features.main(['--videos', demo['video_dir'], '--out', feature_dir, '--model', demo['clip_dir'],
+                           '--device', 'cpu', '--progress', '0', '--thumbnails', '1'])
+    run = trainer.main(['--model', 'mlcmr', '--rootpath', root, '--collection', COLLECTION,
+                        '--visual_feature', 'tiny_clip', '--bert_name', demo['bert_dir'], '--frozen', 'finetune',
+                        '--masked_pooling', '1', '--text_mapping_layers', '0-32', '--visual_mapping_layers', '0-32',
+                        '--visual_rnn_size', '16', '--visual_kernel_num', '8', '--batch_size', '16',
+                        '--num_epochs', '15', '--learning_rate', '1e-3', '--max_violation', '--workers', '0',
+                        '--device', 'cpu', '--seed', '0', '--skip_test', '1', '--cv_name', 'demo'])
+    # the trainer's log handlers (stdout) outlive its main() in this process; search logs to stderr, and its
+    # progress lines must not land in the JSON on stdout
+    root_logger = logging.getLogger()
+    for handler in [h for h in root_logger.handlers if getattr(h, '_mlcmr', False)]:
+        root_logger.removeHandler(handler)
+    return dict(demo, root=root, feature_dir=feature_dir, run_dir=run['run_dir'])
+
+
 def tiny_train_argv(root, run_tag, *extra):
     """trainer.py arguments for a seconds-long run on the tiny collection."""
     return ['--rootpath', root, '--collection', 'toy', '--visual_feature', 'toy_feature',

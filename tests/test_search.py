@@ -1,7 +1,6 @@
 """Search: the tester's exact similarities and rankings, the gallery cache, FAISS, the CLI, and end to end from
 generated .mp4 files to a query whose top-1 video is the one it describes."""
 import json
-import logging
 import os
 
 import numpy as np
@@ -254,32 +253,14 @@ def test_wrong_feature_size_is_one_line(tested_run, toy_root, tmp_path):
 
 # ============ end to end: .mp4 -> features -> training -> search ============
 
-def test_videos_to_search_results(tmp_path, capsys):
-    pytest.importorskip('av', reason='PyAV is optional (requirements-optional.txt): pip install av')
-    from util import extract_features
-    from util.make_demo_videos import COLOURS, COLLECTION, make_demo
-    root = str(tmp_path / 'demo')
-    demo = make_demo(root)
-    feature_dir = os.path.join(root, COLLECTION, 'FeatureData', 'tiny_clip')
-    extract_features.main(['--videos', demo['video_dir'], '--out', feature_dir, '--model', demo['clip_dir'],
-                           '--device', 'cpu', '--progress', '0'])
-    run = trainer.main(['--model', 'mlcmr', '--rootpath', root, '--collection', COLLECTION,
-                        '--visual_feature', 'tiny_clip', '--bert_name', demo['bert_dir'], '--frozen', 'finetune',
-                        '--masked_pooling', '1', '--text_mapping_layers', '0-32', '--visual_mapping_layers', '0-32',
-                        '--visual_rnn_size', '16', '--visual_kernel_num', '8', '--batch_size', '16',
-                        '--num_epochs', '15', '--learning_rate', '1e-3', '--max_violation', '--workers', '0',
-                        '--device', 'cpu', '--seed', '0', '--skip_test', '1', '--cv_name', 'demo'])
+def test_videos_to_search_results(demo_run, capsys):
+    from util.make_demo_videos import COLOURS, COLLECTION
     queries = [c[0] for c in COLOURS] + [c[1] for c in COLOURS]        # 'red', ..., '红色', ...
-    # the trainer's log handlers (stdout) outlive its main() in this process; search logs to stderr, and its
-    # progress lines must not land in the JSON on stdout
-    root_logger = logging.getLogger()
-    for handler in [h for h in root_logger.handlers if getattr(h, '_mlcmr', False)]:
-        root_logger.removeHandler(handler)
     capsys.readouterr()
-    search.main(['--checkpoint', run['run_dir'], '--rootpath', root, '--collection', COLLECTION, '--json',
-                 '-k', '1', '--device', 'cpu', *[a for q in queries for a in ('--query', q)]])
+    search.main(['--checkpoint', demo_run['run_dir'], '--rootpath', demo_run['root'], '--collection', COLLECTION,
+                 '--json', '-k', '1', '--device', 'cpu', *[a for q in queries for a in ('--query', q)]])
     out = json.loads(capsys.readouterr().out)
-    colour_of = {vid: c for vid, _, c in demo['videos']}
+    colour_of = {vid: c for vid, _, c in demo_run['videos']}
     top1 = [colour_of[r['hits'][0]['video_id']] for r in out]
     correct = sum(got == i % len(COLOURS) for i, got in enumerate(top1))
     # chance: 1 in 6 colours, i.e. 2 of 12 queries; a working pipeline gets most of them

@@ -60,6 +60,12 @@ ones in the 7th digit), others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate a
 videos. With a second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with
 the min-max ranges taken over the candidates (an approximation of the full-matrix ranges).
 
+Moments and time ranges. With `moments=(window, stride)` the gallery is the windows of the videos
+(basic/media.py: windows of consecutive frames, from the frame times util/extract_features.py records), one
+row per window, each encoded as a short video by the same model and path (GallerySource.encode) and cached
+under its own key; a Hit then names the window's video, start and end seconds. Whole-video hits carry the
+video's time range when the frame times are known, None otherwise (imported features).
+
 Speed (util/bench/search.py, docs/search.md 'Large galleries'): `encode` runs under torch.inference_mode in
 one batch per call; `amp` ('bf16' / 'fp16') autocasts the text encoder only when asked (scores change
 slightly; the gallery is always encoded in float32).
@@ -76,7 +82,7 @@ import torch
 
 import evaluation
 import model as models
-from basic import paths
+from basic import media, paths
 from basic.captions import clean_english
 from basic.errors import DataError
 from basic import data_provider as dp
@@ -98,6 +104,8 @@ class Hit:
     rank: int             # 1-based
     video_id: str
     score: float
+    start: object = None  # seconds of the matched video or window (None: unknown, e.g. imported features)
+    end: object = None    # None: unknown, or to the end of the file
 
 
 @dataclass
@@ -158,17 +166,20 @@ def _cache_key(meta):
 
 
 def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers=0,
-                           frame_sampling='first', log=logger.info):
+                           frame_sampling='first', log=logger.info, dataset=None, what='videos'):
     """(video embeddings [N, D] CPU float32, cache folder or None): from the cache when its key matches and its
-    files read back whole, else encoded (and cached; a failed encoding or write leaves the cache as it was)."""
+    files read back whole, else encoded (and cached; a failed encoding or write leaves the cache as it was).
+    `dataset`: the items to encode (default the videos `video_ids` of `store`; Moments: their windows, one row
+    per item, `video_ids` then names each row's video)."""
     folder = os.path.join(cache_dir, _cache_key(meta)) if cache_dir else None
     if folder and os.path.isfile(os.path.join(folder, 'video_emb.npy')):
         emb = read_cached_gallery(folder, video_ids, log)
         if emb is not None:
-            log(f'gallery: {len(video_ids)} videos from the cache {folder}')
+            log(f'gallery: {len(video_ids)} {what} from the cache {folder}')
             return torch.from_numpy(emb), folder
-    log(f'gallery: encoding {len(video_ids)} videos')
-    dataset = dp.VideoDataset(video_ids, store, frame_sampling=frame_sampling)
+    log(f'gallery: encoding {len(video_ids)} {what}')
+    if dataset is None:
+        dataset = dp.VideoDataset(video_ids, store, frame_sampling=frame_sampling)
     emb = evaluation.encode_videos(model, dataset, batch_size, device, workers)
     if folder:
         try:
@@ -223,6 +234,44 @@ def write_cached_gallery(folder, emb, video_ids, meta):
         raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ============ what a gallery is encoded from: videos, or windows of them (moments) ============
+
+@dataclass
+class GallerySource:
+    """The videos of a frame store and how to encode them; kept by the Searcher, so that the same model can also
+    search the windows of the same videos (Searcher.for_moments)."""
+    store: object             # data_provider.FrameStore
+    video_ids: list
+    meta: dict                # identity of checkpoint, features, gallery and encoding: the cache key
+    cache_dir: object         # None: no cache
+    batch_size: int
+    workers: int = 0
+    frame_sampling: str = 'first'
+
+    def encode(self, model, device, moments=None, log=logger.info):
+        """(row video ids, embeddings [N, D] float32, spans [(start, end)] or None, cache folder): one row per
+        video, or with moments=(window, stride) seconds one per window (basic/media.py), each window encoded as
+        a short video by the same path. Spans come from the extractor's frame times (None without them)."""
+        times = media.load_frame_times(self.store.path, self.store.video2frames)
+        if moments is None:
+            emb, folder = load_or_encode_gallery(model, self.store, self.video_ids, self.meta, self.cache_dir,
+                                                 self.batch_size, device, self.workers, self.frame_sampling, log)
+            spans = None if times is None else [media.video_span(times[v]) if v in times else (None, None)
+                                                for v in self.video_ids]
+            return self.video_ids, emb, spans, folder
+        windows = media.make_windows(self.video_ids, times, *moments, source=self.store.path)
+        meta = dict(self.meta, moments=list(moments),
+                    frame_times=file_identity(os.path.join(self.store.path, media.FRAME_TIMES)))
+        ids = [w.video_id for w in windows]
+        dataset = dp.VideoDataset(range(len(windows)), media.WindowFrames(self.store, windows),
+                                  frame_sampling=self.frame_sampling)
+        log(f'moments: {len(windows)} windows of {moments[0]:g} s, stride {moments[1]:g} s, in '
+            f'{len(self.video_ids)} videos')
+        emb, folder = load_or_encode_gallery(model, self.store, ids, meta, self.cache_dir, self.batch_size, device,
+                                             self.workers, self.frame_sampling, log, dataset=dataset, what='windows')
+        return ids, emb, [(w.start, w.end) for w in windows], folder
 
 
 # ============ exact scores: dense float64, or a two-stage search for large galleries ============
@@ -351,7 +400,7 @@ class Searcher:
 
     def __init__(self, model, tokenizer, video_ids, video_emb, device='cpu', batch_size=64, weight=0.2,
                  clean='raw', index='exact', faiss_index='Flat', cache_folder=None, block=BLOCK, candidates=1000,
-                 scoring='auto', prefilter='auto', amp='off'):
+                 scoring='auto', prefilter='auto', amp='off', spans=None):
         if clean not in CLEAN_RULES:
             raise ValueError(f'clean must be one of {CLEAN_RULES}, got {clean!r}')
         if index not in ('exact', 'faiss'):
@@ -361,6 +410,7 @@ class Searcher:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = torch.device(device)
         self.video_ids = list(video_ids)
+        self.spans = None if spans is None else list(spans)             # [(start, end)] seconds per row
         self.video_emb = torch.as_tensor(video_emb).float().cpu()      # the model's output, as cached
         n, d = self.video_emb.shape
         self.batch_size, self.weight, self.clean = batch_size, weight, clean
@@ -403,14 +453,15 @@ class Searcher:
     def from_checkpoint(cls, checkpoint, rootpath=None, collection=None, feature=None, *, feature_dir=None,
                         split=None, bert_name=None, device='cpu', batch_size=None, workers=0, cache=True,
                         cache_dir=None, index='exact', faiss_index='Flat', weight=None, clean='raw',
-                        scoring='auto', prefilter='auto', amp='off', log=None):
+                        scoring='auto', prefilter='auto', amp='off', moments=None, log=None):
         """A Searcher over the videos of a feature folder (or of a split) for the checkpoint of a run.
 
         checkpoint: file, run folder, or a folder with exactly one model_best.pth.tar below. rootpath /
         collection / feature default to the run's (the feature folder is <rootpath>/<collection>/FeatureData/
         <feature>); feature_dir overrides the three. split: gallery = the videos of that split's caption files,
         read with the checkpoint's data config as the tester reads them. cache_dir: where gallery caches go
-        (default <checkpoint folder>/search_cache); cache=False: none."""
+        (default <checkpoint folder>/search_cache); cache=False: none. moments=(window, stride) seconds: the
+        gallery is the windows of those videos (docs/search.md, 'Moments')."""
         log = log or logger.info
         path = resolve_checkpoint(checkpoint)
         model, train_args = models.load_model(path, bert_name)
@@ -456,15 +507,29 @@ class Searcher:
             cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), CACHE_DIR_NAME)
         else:
             cache_dir = None
-        emb, folder = load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers,
-                                             frame_sampling, log)
+        source = GallerySource(store, video_ids, meta, cache_dir, batch_size, workers, frame_sampling)
         weight = default_weight(model, data_cfg) if weight is None else weight
         if split and scoring == 'auto':
             scoring = 'dense'            # a split's gallery: the tester's arithmetic, bit for bit
-        searcher = cls(model, tokenizer, video_ids, emb, device, batch_size, weight, clean, index, faiss_index, folder,
-                       scoring=scoring, prefilter=prefilter, amp=amp)
-        searcher.checkpoint, searcher.feature_dir, searcher.cache_folder = path, feature_dir, folder
+        searcher = cls.over(model, tokenizer, source, moments, device, log, weight=weight, clean=clean, index=index,
+                            faiss_index=faiss_index, scoring=scoring, prefilter=prefilter, amp=amp)
+        searcher.checkpoint, searcher.feature_dir = path, feature_dir
         return searcher
+
+    @classmethod
+    def over(cls, model, tokenizer, source, moments=None, device='cpu', log=None, **settings):
+        """A Searcher of `model` over the videos of `source` (a GallerySource), or with moments=(window, stride)
+        over their windows; `settings`: the constructor's weight, clean, index, ... ."""
+        ids, emb, spans, folder = source.encode(model, device, moments, log or logger.info)
+        searcher = cls(model, tokenizer, ids, emb, device, source.batch_size, cache_folder=folder, spans=spans,
+                       **settings)
+        searcher.source, searcher.settings, searcher.moments, searcher.cache_folder = source, settings, moments, folder
+        return searcher
+
+    def for_moments(self, moments, log=None):
+        """The same model and settings over the windows (moments=(window, stride) seconds) of this searcher's
+        videos; the model is shared, not loaded again."""
+        return type(self).over(self.model, self.tokenizer, self.source, moments, self.device, log, **self.settings)
 
     # ---- encoding ----
     @torch.inference_mode()
@@ -547,8 +612,12 @@ class Searcher:
         e_emb = None if second is None else self.encode(second, 'en')
         ranked = self.rank(q_emb, k, e_emb, weight)
         return [Result(query, None if second is None else second[i],
-                       [Hit(r + 1, self.video_ids[j], float(s)) for r, (j, s) in enumerate(hits)])
+                       [Hit(r + 1, self.video_ids[j], float(s), *self.span(j)) for r, (j, s) in enumerate(hits)])
                 for i, (query, hits) in enumerate(zip(queries, ranked))]
+
+    def span(self, j):
+        """(start, end) seconds of gallery row j, (None, None) when unknown."""
+        return self.spans[j] if self.spans is not None else (None, None)
 
     def rank(self, q, k=10, e=None, weight=None):
         """The search step on encoded queries: per row of the raw query embeddings q [Q, D] (fused with the
