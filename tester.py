@@ -22,6 +22,7 @@ caption_emb_primary.npy / caption_emb_second.npy [captions, D] (rows in caption_
 evaluation.similarity(caption_emb_<role>, video_emb) rebuilds the float64 matrix the metrics ranked.
 """
 import argparse
+import fnmatch
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from basic import checkpoint as ckpt
 from basic import data_provider as dp
 from basic import distributed as dist
 from basic import image_data
+from basic import replacement
 from basic import runs
 from basic.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
 
@@ -45,6 +47,10 @@ logger = logging.getLogger('mlcmr')
 # Above this many caption x video entries, --save_sims auto streams the metrics from the embeddings instead
 # of building the [captions, videos] matrices (50M float64 entries = 400 MB per matrix).
 SIMS_AUTO_LIMIT = 50_000_000
+
+# Files of a results folder besides sims_*.npy and caption_emb_*.npy (basic/replacement.py replaces them
+# all on --overwrite 1; anything else in the folder is left alone).
+RESULT_FILES = ('metrics.json', 'report.txt', 'test.log', 'caption_ids.txt', 'video_ids.txt', 'video_emb.npy')
 
 # data_cfg keys the command line may override (None: the checkpoint's value)
 DATA_OVERRIDES = ('collection', 'visual_feature', 'data_type', 'train_mode', 'label_situation', 'target_language',
@@ -192,6 +198,31 @@ def existing_results(out_dir, overwrite):
         return {'results_dir': out_dir, 'metrics': json.load(f), 'skipped': True}
 
 
+def is_results_file(name):
+    """A file the tester writes into its results folder (what --overwrite 1 replaces)."""
+    return name in RESULT_FILES or fnmatch.fnmatch(name, 'sims_*.npy') or \
+        fnmatch.fnmatch(name, 'caption_emb_*.npy') or ckpt.is_temp_name(name)
+
+
+def results_replacement(out_dir):
+    """The results folder's replacement (basic/replacement.py; the commit mark is metrics.json), after
+    finishing or undoing one a kill interrupted."""
+    folder = replacement.Replacement(out_dir, is_results_file,
+                                     lambda d: os.path.isfile(os.path.join(d, 'metrics.json')),
+                                     aside='.previous_results', what='results')
+    recovered = folder.recover()
+    if recovered:
+        logger.warning('%s: %s', out_dir, recovered)
+    return folder
+
+
+def open_results_dir(out_dir, path):
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt.remove_stale_temp_files(out_dir)
+    runs.attach_log_file(os.path.join(out_dir, 'test.log'))
+    logger.info('checkpoint %s -> %s', path, out_dir)
+
+
 def build_test_data(args, data_cfg, model, target):
     """Captions and visual store of the test split (images: the split's own id file and features)."""
     tokenizer = type(model).build_tokenizer(data_cfg)
@@ -278,23 +309,26 @@ def main(argv=None):
 
 
 def _main(args):
+    runs.setup_logging(None)                # test.log follows once the results folder is written
     device = dist.resolve_device(args.device)
     model, path, data_cfg, out_dir = load_for_test(args)
     model.to(device)
     target = dp.target_language(data_cfg)
+    results_folder = results_replacement(out_dir)
     done = existing_results(out_dir, args.overwrite)
     if done is not None:
         return done
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt.remove_stale_temp_files(out_dir)
-    runs.setup_logging(os.path.join(out_dir, 'test.log'))
-    logger.info('checkpoint %s -> %s', path, out_dir)
-    data = build_test_data(args, data_cfg, model, target)
-    batch_size = args.eval_batch_size or type(model).RUN_DEFAULTS['test_batch_size']
-    texts, videos, sims = encode(args, model, data, device, batch_size)
-    results, report = score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir)
-    return write_results(out_dir, path, data, sims, results, report,
-                         embeddings=(texts, videos) if args.save_embeddings else None)
+    data = build_test_data(args, data_cfg, model, target)     # every input read before the folder is written
+    # --overwrite 1: the previous results wait aside until the new metrics.json (docs/evaluation.md, 'Testers')
+    with results_folder.attempt(replace=bool(args.overwrite)):
+        open_results_dir(out_dir, path)
+        batch_size = args.eval_batch_size or type(model).RUN_DEFAULTS['test_batch_size']
+        texts, videos, sims = encode(args, model, data, device, batch_size)
+        results, report = score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir)
+        written = write_results(out_dir, path, data, sims, results, report,
+                                embeddings=(texts, videos) if args.save_embeddings else None)
+        results_folder.commit()
+    return written
 
 
 if __name__ == '__main__':

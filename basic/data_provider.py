@@ -45,6 +45,11 @@ def build_tokenizer(name_or_path, lower_case=True):
     """The fast WordPiece tokenizer of `name_or_path`. lower_case=True is the parity default (docs/data.md, 'Tokenizer':
     mBERT-cased loaded with do_lower_case=True, which also strips accents)."""
     from transformers import BertTokenizerFast
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, n))
+                                               for n in ('vocab.txt', 'tokenizer.json')):
+        # transformers would build a 5-token tokenizer that maps every word to [UNK], silently
+        raise DataError(f'tokenizer {name_or_path}: the folder holds neither vocab.txt nor tokenizer.json; pass '
+                        '--bert_name a folder saved with save_pretrained (or restore the file)')
     try:
         return BertTokenizerFast.from_pretrained(name_or_path, do_lower_case=lower_case)
     except (OSError, ValueError) as e:

@@ -46,9 +46,10 @@ def load_pretrained_bert(name_or_path):
     if looks_local and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
         raise DataError(f'--bert_name {name_or_path}: no BERT folder there (config.json missing); '
                         'point --bert_name at a folder holding config.json, vocab.txt and the weights')
+    from safetensors import SafetensorError
     try:
         return BertModel.from_pretrained(name_or_path, add_pooling_layer=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:       # SafetensorError: truncated or corrupt weights
         raise DataError(f'--bert_name {name_or_path}: could not load BERT ({str(e).splitlines()[0]}); '
                         'download it once with network access, or pass a local folder') from None
 

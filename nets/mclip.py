@@ -70,8 +70,8 @@ class MCLIP(RetrievalModel):
     fusion_normalize = True          # docs/evaluation.md, 'Fusion': the NRCCR protocol
     CAPTIONS = 'nrccr'               # English caption, its translation and back-translation; primary / second
     RUN_NAME_FLAGS = ('data_type', 'temporal')
-    RUN_DEFAULTS = dict(batch_size=128, val_batch_size=128, test_batch_size=128, cv_name='mclip',
-                        bert_name=towers.DEFAULT_TEXT_MODEL, frozen='finetune')
+    RUN_DEFAULTS = dict(batch_size=128, test_batch_size=128, cv_name='mclip', bert_name=towers.DEFAULT_TEXT_MODEL,
+                        frozen='finetune')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         bert_name=towers.DEFAULT_TEXT_MODEL,   # the text tower: sentence-transformers, CLIP or transformers encoder

@@ -49,8 +49,10 @@ class MLCMR(RetrievalModel):
     CAPTIONS = 'mlcmr'               # docs/data.md, 'MLCMR caption files'
     AUGMENT = True                   # docs/data.md, 'MLCMR augmentations'
     RUN_NAME_FLAGS = ('train_mode', 'label_situation', 'target_language')
-    RUN_DEFAULTS = dict(batch_size=64, val_batch_size=16, test_batch_size=16, cv_name='mlcmr',
-                        bert_name='bert-base-multilingual-cased', frozen='frozen')
+    # per-process training batch, test batch (the tester's 16), run-folder part; validation uses the training
+    # batch; the text encoder and its fine-tuning when the flags leave them unset
+    RUN_DEFAULTS = dict(batch_size=64, test_batch_size=16, cv_name='mlcmr', bert_name='bert-base-multilingual-cased',
+                        frozen='frozen')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(6, 12)],

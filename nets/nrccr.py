@@ -226,10 +226,10 @@ class NRCCR(RetrievalModel):
     CAPTIONS = 'nrccr'               # docs/data.md, 'NRCCR caption files'
     IMAGES = True                    # docs/data.md, 'Image collections'
     RUN_NAME_FLAGS = ('data_type', 'disc_type')
-    # per-process training batch, validation batch, test batch (the references' values), run-folder part, and
-    # the text encoder and its fine-tuning when the flags leave them unset
-    RUN_DEFAULTS = dict(batch_size=128, val_batch_size=128, test_batch_size=64, cv_name='MM_2022',
-                        bert_name='bert-base-multilingual-cased', frozen='frozen')
+    # per-process training batch, test batch (the tester's 64), run-folder part; validation uses the training
+    # batch; the text encoder and its fine-tuning when the flags leave them unset
+    RUN_DEFAULTS = dict(batch_size=128, test_batch_size=64, cv_name='MM_2022', bert_name='bert-base-multilingual-cased',
+                        frozen='frozen')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(5, 12)],

@@ -24,8 +24,8 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     assert torch.get_num_threads() == threads           # --threads is undone for in-process callers
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
-    assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'encode', 'eval', 'image', 'search', 'notes',
-            'total_s'} <= set(report)
+    assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'encode', 'eval', 'image', 'search', 'page',
+            'notes', 'total_s'} <= set(report)
     machine = report['machine']
     assert {'date', 'torch', 'python', 'cpu', 'cpu_count', 'devices'} <= set(machine)
     assert machine['threads'] == 1 and machine['devices'] == ['cpu'] and machine['torch'] == torch.__version__
@@ -111,6 +111,11 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     for row in report['search']:
         assert row['device'] == 'cpu'
         _positive(row, ['value'])
+    # page: latency under concurrent clients and no errors (empty where starlette / uvicorn are missing)
+    page = {r['name']: r['value'] for r in report['page']}
+    assert not page or (page['page_errors'] == 0 and page['page_query_p50'] > 0
+                        and page['page_queries'] == benchmark.bench_page.QUICK['clients']
+                        * benchmark.bench_page.QUICK['queries_per_client'])
 
 
 def test_only_runs_the_named_sections_and_budget_skips_with_a_note(tmp_path):

@@ -33,6 +33,8 @@ with random weights built from a config dict. Sections:
   search util/bench/search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
          for a checkpoint's model and for search with no training (zero_shot_* rows),
          10k and 100k videos (--quick: tiny), per device.
+  page   util/bench/page.py: the search page's query latency (p50 / p95) over loopback HTTP, one client and
+         8 concurrent clients, 10k videos, and the errors (must be 0), per device.
   --profile  torch.profiler over one training step of each model ('small' encoder) per device and precision:
          the top ops by self time, printed and stored.
 """
@@ -59,14 +61,16 @@ from basic.bigfile import BigFileWriter                      # noqa: E402
 from util.bench import image as bench_image                                 # noqa: E402
 from util.bench import metrics as bench_metrics                               # noqa: E402
 from util.bench import search as bench_search                                # noqa: E402
+from util.bench import page as bench_page                                    # noqa: E402
 from basic import bucketing                                   # noqa: E402
 from basic import data_provider as dp                         # noqa: E402
 from basic import precision                                   # noqa: E402
 from util.make_toy_data import build_vocab                   # noqa: E402
 from basic.training import train_step                         # noqa: E402
 from basic.runs import git_state                              # noqa: E402
+from basic.errors import DataError                            # noqa: E402
 
-SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search')
+SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search', 'page')
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
 MBERT_VOCAB = 119547
 NRCCR_ROLES, MLCMR_ROLES = ('src', 'tr', 'bt'), ('en', 'zh')
@@ -653,7 +657,7 @@ def _print_eval(r):
           f' {r["seconds"]:8.3f} s{target}{extra}', flush=True)
 
 
-# ============ image, search ============
+# ============ image, search, page ============
 
 def bench_search_rows(devices, quick, indexes):
     """util/bench/search.py rows of each device as dicts {device, name, value, unit, note}."""
@@ -664,6 +668,20 @@ def bench_search_rows(devices, quick, indexes):
             log = lambda line: print(f'  {line}', flush=True)     # noqa: E731
             found = bench_search.run(quick=quick, device=device, indexes=indexes, log=log)
             found += bench_search.run_zero_shot(quick=quick, device=device, indexes=indexes, log=log)
+        rows += [dict(device=str(device), name=n, value=v, unit=u, note=note) for n, v, u, note in found]
+    return rows
+
+
+def bench_page_rows(devices, quick):
+    """util/bench/page.py rows of each device as dicts {device, name, value, unit, note}."""
+    rows = []
+    for device in devices:
+        try:
+            with num_threads(torch.get_num_threads()):
+                found = bench_page.run(quick=quick, device=device, log=lambda line: print(f'  {line}', flush=True))
+        except DataError as e:                   # starlette / uvicorn not installed
+            print(f'  page: skipped ({e})', flush=True)
+            return rows
         rows += [dict(device=str(device), name=n, value=v, unit=u, note=note) for n, v, u, note in found]
     return rows
 
@@ -786,6 +804,9 @@ def main(argv=None):
             if 'search' in sections:
                 print('search', flush=True)
                 report['search'] = bench_search_rows(devices, args.quick, args.search_index)
+            if 'page' in sections:
+                print('page', flush=True)
+                report['page'] = bench_page_rows(devices, args.quick)
         report['notes'] = notes
         report['total_s'] = time.perf_counter() - start
     with open(args.out, 'w') as f:
