@@ -333,6 +333,7 @@ def gradient_worker(rank, world, port, tiny_st, out_path):
     loss.backward()
     if rank == 0:
         torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': float(logs['loss'])}, out_path)
+    tdist.barrier()                 # both ranks leave together (a rank destroying the group alone can hang)
     tdist.destroy_process_group()
 
 
