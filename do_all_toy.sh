@@ -2,6 +2,7 @@
 # The whole pipeline on a built-in toy collection, on a laptop CPU in minutes: set up ./.venv if needed,
 # build the toy collection and tiny BERT if missing, train, test.
 # usage: ./do_all_toy.sh [ROOTPATH] [GPU_ID] [extra trainer flags, e.g. --model mlcmr --train_mode unparallel]
+#   the multilingual CLIP model: ./do_all_toy.sh ROOTPATH cpu --model mclip   (the tiny BERT as its text tower)
 #   images: ./do_all_toy.sh ROOTPATH cpu --collection toyimg [--data_type google_enc2de|google_enc2fr|google_enc2cs]
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -1,4 +1,4 @@
-"""Losses of NRCCR and MLCMR (docs/losses.md), as pure functions on tensors.
+"""Losses of NRCCR, MLCMR and the multilingual CLIP model (docs/losses.md), as pure functions on tensors.
 
 Embeddings may arrive in fp16/bf16 under autocast. Similarities are computed in float32 with autocast
 switched off locally, so the softmaxes, logs and hinges that follow are float32 too: `exp(1/0.07)` overflows
@@ -101,6 +101,36 @@ def info_nce(s, im, tau=0.07):
 def symmetric_info_nce(a, b, tau=0.07):
     """0.5 * (NCE(a, b) + NCE(b, a)), the form of every InfoNCE term (docs/losses.md, 'MLCMR objective')."""
     return 0.5 * (info_nce(a, b, tau) + info_nce(b, a, tau))
+
+
+def clip_info_nce(text, video, logit_scale, same_video=None):
+    """CLIP's symmetric InfoNCE (docs/losses.md, 'Multilingual CLIP objective'), mean over the batch, float32:
+
+        Z = s · text @ video.T   (B, B), s = exp(logit_scale) the learnable inverse temperature
+        L = ( CE(Z, arange(B)) + CE(Z.T, arange(B)) ) / 2
+
+    `same_video`: optional (B, B) bool, True where rows i != j show the same video; those pairs are removed
+    from the softmaxes (Z_ij = -inf) instead of counting as negatives.
+    """
+    logits = logit_scale * _sims(text, video)                     # (B, B), rows = captions
+    if same_video is not None:
+        logits = logits.masked_fill(same_video.to(logits.device, torch.bool), float('-inf'))
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def c2kd_loss(student_text, teacher_text, video, logit_scale):
+    """Cross-lingual cross-modal distillation (C2KD, Rouditchenko et al., ICASSP 2023; docs/losses.md,
+    'Multilingual CLIP objective'): the student's distribution over the batch's videos for a translated caption
+    is trained towards the teacher's for its English caption, by cross-entropy, teacher detached, float32:
+
+        P = softmax_row(s · teacher_text @ video.T)   (detached)
+        L = -(1/B) sum_ij P_ij log softmax_row(s · student_text @ video.T)_ij
+    """
+    with torch.no_grad():
+        teacher = (logit_scale * _sims(teacher_text, video)).softmax(dim=1)      # (B, B)
+    student = (logit_scale * _sims(student_text, video)).log_softmax(dim=1)
+    return -(teacher * student).sum(dim=1).mean()
 
 
 def gan_loss(logits, real: bool):

@@ -1,7 +1,15 @@
-"""Evaluate a trained NRCCR or MLCMR checkpoint on a test split (docs/evaluation.md).
+"""Evaluate a trained checkpoint, or a multilingual CLIP text model with no training, on a test split.
+
+Checkpoints of NRCCR, MLCMR and mclip (docs/evaluation.md).
 
     python tester.py --rootpath ~/VisualSearch --collection vatex --logger_name RUN_DIR
     python tester.py --rootpath ~/VisualSearch --collection vatex --checkpoint path/to/model_best.pth.tar
+    python tester.py --rootpath ~/VisualSearch --collection vatex --visual_feature clip_vit_b32 \
+        --text_model sentence-transformers/clip-ViT-B-32-multilingual-v1          # zero-shot, no training
+
+Zero-shot (--text_model): the untrained multilingual CLIP model (model.zero_shot_model) over CLIP features made by
+the CLIP the text model is aligned to, with the protocol of the NRCCR caption files (--data_type), the same fusion
+sweep and the same output files, in <rootpath>/<collection>/results/zero_shot/<text model>/<feature>_<split>.
 
 The model and the data it reads come from the checkpoint (`model_cfg`, `data_cfg`; ours, or the original
 NRCCR release format); the command line overrides the data settings it names. Results go to --results_dir
@@ -14,6 +22,7 @@ caption_emb_primary.npy / caption_emb_second.npy [captions, D] (rows in caption_
 evaluation.similarity(caption_emb_<role>, video_emb) rebuilds the float64 matrix the metrics ranked.
 """
 import argparse
+import fnmatch
 import json
 import logging
 import os
@@ -28,6 +37,8 @@ from basic.errors import DataError
 from basic import checkpoint as ckpt
 from basic import data_provider as dp
 from basic import distributed as dist
+from basic import image_data
+from basic import replacement
 from basic import runs
 from basic.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
 
@@ -37,9 +48,13 @@ logger = logging.getLogger('mlcmr')
 # of building the [captions, videos] matrices (50M float64 entries = 400 MB per matrix).
 SIMS_AUTO_LIMIT = 50_000_000
 
+# Files of a results folder besides sims_*.npy and caption_emb_*.npy (basic/replacement.py replaces them
+# all on --overwrite 1; anything else in the folder is left alone).
+RESULT_FILES = ('metrics.json', 'report.txt', 'test.log', 'caption_ids.txt', 'video_ids.txt', 'video_emb.npy')
+
 # data_cfg keys the command line may override (None: the checkpoint's value)
 DATA_OVERRIDES = ('collection', 'visual_feature', 'data_type', 'train_mode', 'label_situation', 'target_language',
-                  'bert_name', 'strict', 'task', 'clean_eval')
+                  'bert_name', 'strict', 'task', 'clean_eval', 'frame_sampling')
 
 
 def get_args_parser():
@@ -50,6 +65,15 @@ def get_args_parser():
     p.add_argument('--logger_name', default=None, help='run directory holding the checkpoint')
     p.add_argument('--checkpoint_name', default='model_best.pth.tar', help='file inside --logger_name')
     p.add_argument('--checkpoint', default=None, help='explicit checkpoint path (overrides --logger_name)')
+    p.add_argument('--text_model', default=None,
+                   help='zero-shot instead of a checkpoint: a multilingual CLIP text model (sentence-transformers '
+                        'folder or hub id, e.g. sentence-transformers/clip-ViT-B-32-multilingual-v1) or a CLIP '
+                        'model; needs --collection and CLIP features of that CLIP (--visual_feature)')
+    p.add_argument('--model_type', default=None, choices=['video', 'img'],
+                   help='zero-shot: video or image collection (default: img for multi30k, mscoco, toyimg)')
+    p.add_argument('--frame_sampling', default=None, choices=['first', 'uniform'],
+                   help='videos over 64 frames: the first 64 or 64 spread over the video (default: the '
+                        'checkpoint\'s; zero-shot: first, as training does by default)')
     p.add_argument('--split', default='test', help='caption-file split (test)')
     p.add_argument('--visual_feature', default=None, help='default: the training feature')
     p.add_argument('--target_language', default=None, choices=['zh', 'en'],
@@ -103,8 +127,54 @@ def checkpoint_path(args):
     if args.checkpoint is not None:
         return args.checkpoint
     if args.logger_name is None:
-        raise DataError('give --logger_name RUN_DIR or --checkpoint FILE')
+        raise DataError('give --logger_name RUN_DIR or --checkpoint FILE (or --text_model NAME for zero-shot)')
     return os.path.join(args.logger_name, args.checkpoint_name)
+
+
+def load_for_test(args):
+    """(model, what it is: the checkpoint path or the zero-shot text model, data config, results folder)."""
+    if args.text_model is not None:
+        return zero_shot_setup(args)
+    path = checkpoint_path(args)
+    model, train_args = models.load_model(path, args.bert_name)
+    data_cfg = data_cfg_for_test(args, path, train_args)
+    out_dir = args.results_dir or results_dir_for(args.rootpath, data_cfg['collection'], args.split, path,
+                                                  dp.target_language(data_cfg))
+    return model, path, data_cfg, out_dir
+
+
+def zero_shot_data_cfg(args):
+    """The data config of a zero-shot test: the NRCCR caption files of the collection (video, or image by its
+    name / --model_type), the CLIP features, the text model as tokenizer."""
+    if args.checkpoint is not None or args.logger_name is not None:
+        raise DataError('give --text_model (zero-shot) or a checkpoint (--logger_name / --checkpoint), not both')
+    if not args.collection:
+        raise DataError(f'--text_model {args.text_model}: pass --collection, the collection to test on')
+    image = (args.model_type or ('img' if image_data.is_image_collection(args.collection) else 'video')) == 'img'
+    if image:
+        img = dict(model_type='img', img_encoder='clip', task=args.task or 1, clean_eval=args.clean_eval or 'raw')
+        feature = args.visual_feature or image_data.default_feature(args.collection, 'clip')
+        data_type = args.data_type or image_data.default_data_type(args.rootpath, args.collection)
+    elif not args.visual_feature:
+        raise DataError(f'--text_model {args.text_model}: pass --visual_feature, the folder of CLIP features under '
+                        f'{paths.collection_dir(args.rootpath, args.collection)}/FeatureData '
+                        '(util/extract_features.py writes them)')
+    else:
+        img, feature, data_type = {}, args.visual_feature, args.data_type or 'google_enc2zh'
+    return dp.data_config(model=models.ZERO_SHOT.CAPTIONS, collection=args.collection, visual_feature=feature,
+                          data_type=data_type, bert_name=args.text_model, strict=bool(args.strict),
+                          frame_sampling=args.frame_sampling or 'first', **img)
+
+
+def zero_shot_setup(args):
+    data_cfg = zero_shot_data_cfg(args)
+    store = dp.open_store(args.rootpath, data_cfg, args.split)
+    folder = store.path if os.path.isdir(store.path) else os.path.dirname(store.path)
+    model = models.zero_shot_model(args.text_model, folder, store.dim)
+    tag = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in args.text_model.strip('/'))
+    out_dir = args.results_dir or os.path.join(args.rootpath, args.collection, 'results', 'zero_shot', tag,
+                                               f'{data_cfg["visual_feature"]}_{args.split}')
+    return model, f'zero-shot {args.text_model}', data_cfg, out_dir
 
 
 def data_cfg_for_test(args, path, train_args):
@@ -128,9 +198,34 @@ def existing_results(out_dir, overwrite):
         return {'results_dir': out_dir, 'metrics': json.load(f), 'skipped': True}
 
 
+def is_results_file(name):
+    """A file the tester writes into its results folder (what --overwrite 1 replaces)."""
+    return name in RESULT_FILES or fnmatch.fnmatch(name, 'sims_*.npy') or \
+        fnmatch.fnmatch(name, 'caption_emb_*.npy') or ckpt.is_temp_name(name)
+
+
+def results_replacement(out_dir):
+    """The results folder's replacement (basic/replacement.py; the commit mark is metrics.json), after
+    finishing or undoing one a kill interrupted."""
+    folder = replacement.Replacement(out_dir, is_results_file,
+                                     lambda d: os.path.isfile(os.path.join(d, 'metrics.json')),
+                                     aside='.previous_results', what='results')
+    recovered = folder.recover()
+    if recovered:
+        logger.warning('%s: %s', out_dir, recovered)
+    return folder
+
+
+def open_results_dir(out_dir, path):
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt.remove_stale_temp_files(out_dir)
+    runs.attach_log_file(os.path.join(out_dir, 'test.log'))
+    logger.info('checkpoint %s -> %s', path, out_dir)
+
+
 def build_test_data(args, data_cfg, model, target):
     """Captions and visual store of the test split (images: the split's own id file and features)."""
-    tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
+    tokenizer = type(model).build_tokenizer(data_cfg)
     store = dp.open_store(args.rootpath, data_cfg, args.split)
     if store.dim != model.cfg['visual_feat_dim']:
         raise DataError(f'{store.path}: features have {store.dim} dims but the checkpoint expects '
@@ -214,26 +309,26 @@ def main(argv=None):
 
 
 def _main(args):
-    path = checkpoint_path(args)
+    runs.setup_logging(None)                # test.log follows once the results folder is written
     device = dist.resolve_device(args.device)
-    model, train_args = models.load_model(path, args.bert_name)
+    model, path, data_cfg, out_dir = load_for_test(args)
     model.to(device)
-    data_cfg = data_cfg_for_test(args, path, train_args)
-    target = data_cfg['target_language'] if data_cfg['model'] == 'mlcmr' else None
-    out_dir = args.results_dir or results_dir_for(args.rootpath, data_cfg['collection'], args.split, path, target)
+    target = dp.target_language(data_cfg)
+    results_folder = results_replacement(out_dir)
     done = existing_results(out_dir, args.overwrite)
     if done is not None:
         return done
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt.remove_stale_temp_files(out_dir)
-    runs.setup_logging(os.path.join(out_dir, 'test.log'))
-    logger.info('checkpoint %s -> %s', path, out_dir)
-    data = build_test_data(args, data_cfg, model, target)
-    batch_size = args.eval_batch_size or models.MODELS[data_cfg['model']].RUN_DEFAULTS['test_batch_size']
-    texts, videos, sims = encode(args, model, data, device, batch_size)
-    results, report = score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir)
-    return write_results(out_dir, path, data, sims, results, report,
-                         embeddings=(texts, videos) if args.save_embeddings else None)
+    data = build_test_data(args, data_cfg, model, target)     # every input read before the folder is written
+    # --overwrite 1: the previous results wait aside until the new metrics.json (docs/evaluation.md, 'Testers')
+    with results_folder.attempt(replace=bool(args.overwrite)):
+        open_results_dir(out_dir, path)
+        batch_size = args.eval_batch_size or type(model).RUN_DEFAULTS['test_batch_size']
+        texts, videos, sims = encode(args, model, data, device, batch_size)
+        results, report = score_sweep(model, data, data_cfg, texts, videos, sims, device, out_dir)
+        written = write_results(out_dir, path, data, sims, results, report,
+                                embeddings=(texts, videos) if args.save_embeddings else None)
+        results_folder.commit()
+    return written
 
 
 if __name__ == '__main__':

@@ -1,4 +1,6 @@
-"""Train NRCCR or MLCMR for cross-lingual text-to-video retrieval, then test the best checkpoint.
+"""Train NRCCR, MLCMR or mclip for cross-lingual text-to-video retrieval, then test the best checkpoint.
+
+mclip is the multilingual CLIP model (nets/mclip.py).
 
     # one process, CPU or one GPU (the toy collection, see README)
     python trainer.py --model nrccr --rootpath ~/VisualSearch --collection vatex --visual_feature i3d_kinetics
@@ -6,7 +8,8 @@
     torchrun --standalone --nproc_per_node=2 trainer.py --model nrccr ...
 
 Re-running the same command continues an interrupted run from its last checkpoint, tests a finished run
-whose test results are missing, and otherwise skips it (`--overwrite 1` starts again, clean). Every epoch:
+whose test results are missing, and otherwise skips it (`--overwrite 1` trains again; the previous run is
+kept aside until the new one's first checkpoint, docs/training.md, 'Overwriting a run'). Every epoch:
 train one pass, validate, update the learning rate, checkpoint, write the history, check early stopping
 (docs/training.md, 'Schedule').
 """
@@ -30,6 +33,7 @@ from basic import compiling
 from basic import data_provider as dp
 from basic import distributed as dist
 from basic import image_data
+from basic import replacement
 from basic import runs
 from basic.precision import AMP_CHOICES, amp_log_level, autocast_factory, resolve_amp
 from basic.progress import Progress
@@ -75,13 +79,15 @@ def get_args_parser():
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='nrccr', choices=sorted(models.MODELS))
-    g.add_argument('--bert_name', default='bert-base-multilingual-cased',
-                   help='hub id or local folder of the BERT text encoder (default bert-base-multilingual-cased)')
+    g.add_argument('--bert_name', '--text_model', dest='bert_name', default=None,
+                   help='hub id or local folder of the text encoder (NRCCR, MLCMR: a BERT, default '
+                        'bert-base-multilingual-cased; mclip: a sentence-transformers folder, a CLIP model or any '
+                        'transformers encoder, default sentence-transformers/clip-ViT-B-32-multilingual-v1)')
     g.add_argument('--tokenizer_lower_case', type=runs.bool_flag, default=True,
                    help='1 (parity): lower-case and strip accents even for the cased mBERT; 0: keep case')
-    g.add_argument('--frozen', default='frozen', choices=['frozen', 'all_frozen', 'finetune'],
-                   help="BERT fine-tuning: 'frozen' trains only --layer_list (default), 'all_frozen' none, "
-                        "'finetune' all")
+    g.add_argument('--frozen', default=None, choices=['frozen', 'all_frozen', 'finetune'],
+                   help="text encoder fine-tuning: 'frozen' trains only --layer_list (NRCCR, MLCMR default), "
+                        "'all_frozen' none, 'finetune' all (mclip default)")
     g.add_argument('--layer_list', nargs='+', default=None,
                    help='BERT layers to fine-tune (NRCCR scripts: layer.5 ... layer.11; MLCMR: layer.6 ... layer.11)')
     g.add_argument('--text_mapping_layers', default='0-1536', help='text mapping, first entry replaced (0-1536)')
@@ -128,6 +134,12 @@ def get_args_parser():
     g.add_argument('--packed_gru', type=runs.bool_flag, default=False,
                    help='0 (parity): GRU runs over the padding; 1: packed sequences')
 
+    for cls in models.MODELS.values():          # flags only one model has (RetrievalModel.OWN_ARGS)
+        if cls.OWN_ARGS:
+            g = p.add_argument_group(cls.OWN_ARGS_TITLE)
+            for flag, kwargs in cls.OWN_ARGS:
+                g.add_argument(flag, **kwargs)
+
     g = p.add_argument_group('Loss')
     g.add_argument('--margin', type=float, default=0.2, help='triplet margin (0.2)')
     g.add_argument('--direction', default='all', choices=['all', 't2v', 'v2t'])
@@ -144,7 +156,8 @@ def get_args_parser():
                    help='maximum epochs (50); 0 saves and tests the untrained model (a baseline)')
     g.add_argument('--batch_size', type=int, default=None, help='per process (NRCCR 128, MLCMR 64)')
     g.add_argument('--eval_batch_size', type=int, default=None,
-                   help='validation batch (NRCCR 128, MLCMR 16; it changes padded pooling, keep it for parity)')
+                   help='validation and test batch (default: validation the training batch, as the originals; test '
+                        'NRCCR 64, MLCMR 16; it changes padded pooling, keep it for parity)')
     g.add_argument('--early_stop', type=int, default=10,
                    help='stop after more than this many epochs without improvement (10)')
     g.add_argument('--workers', type=int, default=5, help='data-loading processes (5)')
@@ -163,7 +176,9 @@ def get_args_parser():
     g = p.add_argument_group('Run')
     g.add_argument('--cv_name', default=None, help='run-folder component (NRCCR MM_2022, MLCMR mlcmr)')
     g.add_argument('--postfix', default='runs_0', help='last run-folder component (runs_0)')
-    g.add_argument('--overwrite', type=int, default=0, help='1: train again even if the run finished')
+    g.add_argument('--overwrite', type=int, default=0,
+                   help='1: train again even if the run finished (the previous run is deleted only once the new '
+                        'one saved its first checkpoint)')
     g.add_argument('--resume', default='',
                    help="checkpoint to resume from; by default an unfinished run resumes from its checkpoint_last")
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
@@ -230,13 +245,19 @@ def parse_args(argv=None):
 
 def finalize_args(args):
     """Validate and derive model-dependent defaults in one place (derived values get their own names)."""
-    defaults = models.MODELS[args.model].RUN_DEFAULTS
+    cls = models.MODELS[args.model]
+    defaults = cls.RUN_DEFAULTS
     resolve_visual_args(args)
+    drop_other_models_args(args)
+    args.run_name_flags = list(cls.RUN_NAME_FLAGS)
     args.cv_name = args.cv_name or defaults['cv_name']
     args.batch_size = args.batch_size or defaults['batch_size']
-    args.val_batch_size = args.eval_batch_size or defaults['val_batch_size']
+    # both originals build their validation loaders with the training batch size (docs/training.md, 'Validation score')
+    args.val_batch_size = args.eval_batch_size or args.batch_size
+    args.bert_name = args.bert_name or defaults['bert_name']
+    args.frozen = args.frozen or defaults['frozen']
     if args.layer_list is None:
-        args.layer_list = list(models.MODELS[args.model].DEFAULTS['trainable_layers'])
+        args.layer_list = list(cls.DEFAULTS['trainable_layers'] or [])
     dims = []
     for flag in ('text_mapping_layers', 'visual_mapping_layers'):
         try:
@@ -249,45 +270,42 @@ def finalize_args(args):
     return args
 
 
+def drop_other_models_args(args):
+    """Flags only another model has (RetrievalModel.OWN_ARGS) leave the namespace, so they are in no other
+    model's run (its run-folder hash stays what it was); one set away from its default is an error."""
+    for cls in models.MODELS.values():
+        if cls.name == args.model:
+            continue
+        for flag, kwargs in cls.OWN_ARGS:
+            dest = flag.lstrip('-')
+            if getattr(args, dest) != kwargs.get('default'):
+                raise SystemExit(f'error: {flag} is a flag of --model {cls.name}, not of --model {args.model}')
+            delattr(args, dest)
+
+
 def data_cfg_from_args(args):
     """The plain data config (basic/data_provider.py DATA_DEFAULTS) the data side is built from; stored in
-    every checkpoint beside model_cfg."""
-    return dp.data_config(**{k: getattr(args, k) for k in dp.DATA_DEFAULTS})
+    every checkpoint beside model_cfg. Its `model` names the caption scheme the model reads (CAPTIONS)."""
+    cfg = dp.data_config(**{k: getattr(args, k) for k in dp.DATA_DEFAULTS})
+    cfg['model'] = models.MODELS[args.model].CAPTIONS
+    return cfg
 
 
-def model_cfg_from_args(args, feat_dim):
-    """The plain config dict the model is built from (stored in every checkpoint)."""
-    common = dict(
-        bert_name=args.bert_name, trainable_layers=list(args.layer_list), frozen=args.frozen,
-        visual_feat_dim=feat_dim, mapping_dim=int(args.text_mapping_layers.split('-')[-1]),
-        mapping_dropout=args.dropout, margin=args.margin, max_violation=args.max_violation,
-        cost_style=args.cost_style, direction=args.direction, masked_pooling=args.masked_pooling,
-        dedup_negatives=args.dedup_negatives)
-    if args.model == 'nrccr':
-        return models.model_config(
-            'nrccr', **common, text_hidden_size=args.text_hidden_size, video_hidden_size=args.video_hidden_size,
-            text_num_attention=args.text_num_attention, visual_num_attention=args.visual_num_attention,
-            video_layer=args.video_layer, attn_scale_by_key=args.attn_scale == 'key', disc_type=args.disc_type,
-            disc_residual_on_relu=args.disc_residual == 'relu', tri_alpha=args.tri_alpha,
-            dtl_beta=args.dtl_beta, back_w=args.back_w, l1_gama=args.l1_gama, scale=args.scale,
-            dtl_detach_teacher=args.dtl_detach_teacher, feat_detach_teacher=args.feat_detach_teacher,
-            sim_ratio=args.sim_ratio, visual_encoder=image_data.visual_encoder(args.img_encoder)
-            if args.model_type == 'img' else 'transformer')
-    return models.model_config(
-        'mlcmr', **common, visual_rnn_size=args.visual_rnn_size, visual_kernel_num=args.visual_kernel_num,
-        visual_kernel_sizes=[int(k) for k in args.visual_kernel_sizes.split('-')], concate=args.concate,
-        packed_gru=args.packed_gru, train_mode=args.train_mode)
+def model_cfg_from_args(args, store):
+    """The plain config dict the model is built from (stored in every checkpoint): the model class maps the
+    flags (and the training features' store) to it."""
+    return models.MODELS[args.model].config_from_args(args, store)
 
 
 def check_inputs(args):
     """The collection and its feature and caption folders exist (for an image collection also: the target
-    language, every caption file, each split's id file and features): checked before any run folder is made,
-    so a typo leaves nothing behind."""
+    language, every caption file, each split's id file and features), and what the model needs (its class's
+    check_inputs): checked before any run folder is made, so a typo leaves nothing behind."""
     collection = paths.collection_dir(args.rootpath, args.collection)
     if not os.path.isdir(collection):
         raise DataError(f'{collection}: no such collection folder; check --rootpath and --collection (a collection '
                         'is a folder holding FeatureData/ and TextData/)')
-    if args.model_type == 'img' and args.model != 'nrccr':
+    if args.model_type == 'img' and not models.MODELS[args.model].IMAGES:
         raise DataError(f'{collection}: image collections are trained with NRCCR only; pass --model nrccr')
     features = paths.feature_dir(args.rootpath, args.collection, args.visual_feature)
     if not os.path.isdir(features):
@@ -301,6 +319,7 @@ def check_inputs(args):
     if args.model_type == 'img':
         splits = ('train', args.val_split) + (() if args.skip_test else ('test',))
         image_data.check_image_collection(args.rootpath, data_cfg_from_args(args), splits)
+    models.MODELS[args.model].check_inputs(args)
 
 
 def seed_everything(seed):
@@ -311,30 +330,42 @@ def seed_everything(seed):
 
 # ============ run folder ============
 
-def prepare_run_dir(args, info):
-    """Create (or clean, with --overwrite 1) the run folder, remove temporary files a killed save left,
-    start logging; returns the run: directory, device, world size, main_process, finished."""
+def find_run(args, info):
+    """The run's paths and state, read before anything is written: console logging starts (the log file
+    follows in open_run_dir), a replacement a kill interrupted is finished or undone first
+    (docs/training.md, 'Overwriting a run'), and `finished` says whether val_metric.txt is there."""
     directory = runs.run_dir(args)
+    runs.setup_logging(None, dist.is_main())
     run = SimpleNamespace(directory=directory, device=info.device, world=info.world_size, rank=info.rank,
                           main_process=dist.is_main(), finished_flag=os.path.join(directory, 'val_metric.txt'),
                           last_path=os.path.join(directory, 'checkpoint_last.pth.tar'),
-                          best_path=os.path.join(directory, 'model_best.pth.tar'))
-    removed = []
+                          best_path=os.path.join(directory, 'model_best.pth.tar'),
+                          replacement=replacement.Replacement(directory, runs.is_run_file, runs.run_committed,
+                                                              aside='.previous_run', what='run'))
     if run.main_process:
-        os.makedirs(directory, exist_ok=True)
-        removed = runs.clean_run_dir(directory) if args.overwrite else ckpt.remove_stale_temp_files(directory)
+        recovered = run.replacement.recover()
+        if recovered:
+            logger.warning('%s: %s', directory, recovered)
     dist.barrier()
-    runs.setup_logging(os.path.join(directory, 'train.log'), run.main_process)
-    if removed:
-        logger.info('removed %s: %s', 'the previous run (--overwrite 1)' if args.overwrite
-                    else 'temporary files of an interrupted save', ', '.join(os.path.basename(p) for p in removed))
     run.finished = os.path.exists(run.finished_flag)
-    if not run.finished:
-        if run.main_process:
-            runs.write_identity(directory, args, {'world_size': run.world, 'device': str(run.device)})
-        logger.info('run dir: %s', directory)
-        logger.info('args: %s', json.dumps(vars(args), sort_keys=True, default=str))
     return run
+
+
+def open_run_dir(args, run):
+    """Create the run folder (with --overwrite 1 the previous run's files were just set aside), remove the
+    temporary files a killed save left, open train.log (the records logged so far go in first) and write the
+    run's identity."""
+    if run.main_process:
+        os.makedirs(run.directory, exist_ok=True)
+        removed = ckpt.remove_stale_temp_files(run.directory)
+        if removed:
+            logger.info('removed temporary files of an interrupted save: %s',
+                        ', '.join(os.path.basename(p) for p in removed))
+        runs.attach_log_file(os.path.join(run.directory, 'train.log'))
+        runs.write_identity(run.directory, args, {'world_size': run.world, 'device': str(run.device)})
+    dist.barrier()
+    logger.info('run dir: %s', run.directory)
+    logger.info('args: %s', json.dumps(vars(args), sort_keys=True, default=str))
 
 
 def resolve_precision(args, device):
@@ -358,14 +389,15 @@ def seed_and_backends(args, run):
 def build_data(args, data_cfg, run):
     """Tokenizer, visual stores (video: one for all splits; images: one per split), training set and loader,
     validation data."""
-    tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
+    cls = models.MODELS[args.model]
+    tokenizer = cls.build_tokenizer(data_cfg)
     stores = dp.open_stores(args.rootpath, data_cfg, ('train', data_cfg['val_split']))
     store, val_store = stores['train'], stores[data_cfg['val_split']]
     if val_store.dim != store.dim:
         raise DataError(f'{val_store.path}: {val_store.dim}-d features but the training features {store.path} '
                         f'have {store.dim}; both splits must come from the same extractor')
     table = dp.train_table(args.rootpath, data_cfg, tokenizer)
-    train_set = dp.TrainDataset(table, store, augment=args.model == 'mlcmr', mask_id=tokenizer.mask_token_id,
+    train_set = dp.TrainDataset(table, store, augment=cls.AUGMENT, mask_id=tokenizer.mask_token_id,
                                 frame_sampling=data_cfg['frame_sampling'], seed=args.seed)
     val = dp.EvalData(args.rootpath, data_cfg, data_cfg['val_split'], tokenizer, val_store, purpose='val')
     sampler = None
@@ -415,17 +447,24 @@ def compile_training_forward(args, run, net, epoch_steps):
 
 def resume(args, run, net):
     """The training state: fresh, or restored from --resume / the run's checkpoint_last (weights, optimisers,
-    scaler, RNG states, schedule, history). The history files are rewritten from the checkpoint, so a kill
-    at any moment leaves them exactly as an uninterrupted run's."""
+    scaler, RNG states, schedule, history); read before the run folder is written, so a checkpoint that
+    cannot be read, or does not fit the model, stops the run with the folder untouched. train_loop then
+    rewrites the history files from the state, so a kill at any moment leaves them exactly as an
+    uninterrupted run's."""
     state = {'epoch': 0, 'global_step': 0, 'best_score': 0.0, 'lr': args.learning_rate, 'lr_counter': 0,
              'no_impr_counter': 0, 'history': [], 'resumed_from': None}
     path = args.resume or (run.last_path if os.path.exists(run.last_path) and not args.overwrite else '')
     if path:
         saved = ckpt.load_checkpoint(path)
-        net.model.load_state_dict(saved['model'])
-        for name, opt in net.optimizers.items():
-            opt.load_state_dict(saved['optimizers'][name])
-        net.scaler.load_state_dict(saved['scaler'])
+        try:
+            net.model.load_state_dict(saved['model'])
+            for name, opt in net.optimizers.items():
+                opt.load_state_dict(saved['optimizers'][name])
+            net.scaler.load_state_dict(saved['scaler'])
+        except (KeyError, RuntimeError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise DataError(f'{path}: does not fit this run\'s model ({reason}); resume from a checkpoint this '
+                            'trainer wrote with the same configuration') from None
         for key in STATE_KEYS:
             state[key] = saved[key]
         # checkpoints written before the history was stored in them: take it from metrics.jsonl
@@ -438,8 +477,6 @@ def resume(args, run, net):
         ckpt.restore_rng_state(saved['rng'][run.rank] if run.rank < len(saved['rng']) else saved['rng'][0])
         logger.info('resumed from %s at epoch %d (lr %.3g, best %.2f)', path, state['epoch'], state['lr'],
                     state['best_score'])
-    if run.main_process:
-        runs.write_history(run.directory, state['history'])
     set_lr(net.optimizers['main'], state['lr'])
     return state
 
@@ -575,6 +612,7 @@ def run_epoch(args, run, data, net, state, writer):
         if improved:
             ckpt.save_checkpoint(saved, run.best_path)
         ckpt.save_checkpoint(saved, run.last_path)     # marks the epoch done; its history is inside
+        run.replacement.commit()                       # --overwrite 1: the new run can resume now
         writer.history(state['history'])
     writer.scalars(dict(val_logs, val_score=score), state['global_step'])
     logger.info('epoch %d: loss %.4f | val score %.2f (best %.2f%s) | lr %.3g | %.0f samples/s | %.0fs',
@@ -584,6 +622,7 @@ def run_epoch(args, run, data, net, state, writer):
 
 def train_loop(args, run, data, net, state):
     writer = runs.MetricsWriter(run.directory, enabled=run.main_process, purge_step=state['global_step'])
+    writer.history(state['history'])        # as the checkpoint resumed from holds it (empty for a new run)
     try:
         if args.num_epochs == 0 and state['resumed_from'] is None:
             # An untrained baseline: the initial weights become the "best" checkpoint, so the test step
@@ -611,6 +650,7 @@ def finish(run, state):
     """Mark the training finished (val_metric.txt); the test that follows is not part of the mark."""
     if run.main_process:
         runs.atomic_write_text(run.finished_flag, f'best performance on validation: {state["best_score"]}\n')
+        run.replacement.commit()        # --num_epochs 0 (a baseline) saves no checkpoint_last
     logger.info('training finished: best validation score %.2f, checkpoint %s', state['best_score'], run.best_path)
     dist.barrier()
     return {'run_dir': run.directory, 'best_score': state['best_score'], 'epochs': state['epoch']}
@@ -636,6 +676,8 @@ def test_after_training(args, run, overwrite):
 
 def rerun_finished(args, run):
     """The same command on a finished run: test it when its test results are missing, else nothing."""
+    if run.main_process:
+        runs.attach_log_file(os.path.join(run.directory, 'train.log'))
     logger.info('run already finished: %s (same configuration); pass --overwrite 1 to train again', run.directory)
     result = {'run_dir': run.directory, 'skipped': True}
     if not args.skip_test:
@@ -654,18 +696,24 @@ def _main(args):
     check_inputs(args)                          # before any folder is made
     info = dist.init_distributed(args.device)
     level, precision_note = resolve_precision(args, info.device)   # --amp bf16 without native bf16 stops here
-    run = prepare_run_dir(args, info)
+    run = find_run(args, info)
     logger.log(level, '%s', precision_note)
-    if run.finished:
+    if run.finished and not args.overwrite:
         return rerun_finished(args, run)
     seed_and_backends(args, run)
+    # every input is read here (caption files, features, video2frames, BERT, the checkpoint to resume),
+    # before anything in the run folder is written or moved
     data = build_data(args, data_cfg_from_args(args), run)
-    net = build_model(args, model_cfg_from_args(args, data.store.dim), run)
+    net = build_model(args, model_cfg_from_args(args, data.store), run)
     compile_training_forward(args, run, net, steps_per_epoch(args, data.loader))
     seed_everything(args.seed + run.rank)
     state = resume(args, run, net)
-    train_loop(args, run, data, net, state)
-    result = finish(run, state)
+    # --overwrite 1: the previous run waits aside until the new one's first checkpoint, and comes back if
+    # the new one stops before (docs/training.md, 'Overwriting a run')
+    with run.replacement.attempt(replace=run.main_process and bool(args.overwrite)):
+        open_run_dir(args, run)
+        train_loop(args, run, data, net, state)
+        result = finish(run, state)
     if not args.skip_test:
         result['test'] = test_after_training(args, run, overwrite=True)
     dist.cleanup()

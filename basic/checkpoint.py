@@ -37,6 +37,11 @@ def temp_path(path):
     return os.path.join(directory, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
 
 
+def is_temp_name(name):
+    """`name` is the temporary file of an atomic write (see `temp_path`)."""
+    return bool(_TEMP_RE.match(name))
+
+
 def remove_stale_temp_files(directory):
     """Remove the temporary files that atomic writes into `directory` left behind when their process was
     killed (`kill -9` during a save). Only names of that exact pattern, only in `directory` itself; call it
@@ -46,7 +51,7 @@ def remove_stale_temp_files(directory):
         return removed
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if _TEMP_RE.match(name) and os.path.isfile(path):
+        if is_temp_name(name) and os.path.isfile(path):
             os.remove(path)
             removed.append(path)
     return removed

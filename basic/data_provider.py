@@ -45,6 +45,11 @@ def build_tokenizer(name_or_path, lower_case=True):
     """The fast WordPiece tokenizer of `name_or_path`. lower_case=True is the parity default (docs/data.md, 'Tokenizer':
     mBERT-cased loaded with do_lower_case=True, which also strips accents)."""
     from transformers import BertTokenizerFast
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, n))
+                                               for n in ('vocab.txt', 'tokenizer.json')):
+        # transformers would build a 5-token tokenizer that maps every word to [UNK], silently
+        raise DataError(f'tokenizer {name_or_path}: the folder holds neither vocab.txt nor tokenizer.json; pass '
+                        '--bert_name a folder saved with save_pretrained (or restore the file)')
     try:
         return BertTokenizerFast.from_pretrained(name_or_path, do_lower_case=lower_case)
     except (OSError, ValueError) as e:
@@ -53,7 +58,10 @@ def build_tokenizer(name_or_path, lower_case=True):
 
 
 def tokenize(tokenizer, texts, chunk=8192):
-    """Token ids `[CLS] ... [SEP]` per text (no truncation, docs/data.md, 'Tokenizer'), as int32 arrays."""
+    """Token ids `[CLS] ... [SEP]` per text (no truncation, docs/data.md, 'Tokenizer'), as int32 arrays. A text
+    tower's tokenizer (nets/text_towers.py, it has `token_ids`) gives the ids its own library would."""
+    if hasattr(tokenizer, 'token_ids'):
+        return tokenizer.token_ids(texts)
     out = []
     for i in range(0, len(texts), chunk):
         enc = tokenizer(texts[i:i + chunk], add_special_tokens=True, truncation=False,
@@ -281,7 +289,8 @@ def make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0, sampler=N
 # flags, stored in every checkpoint beside `model_cfg`, and re-used by the tester with its command-line
 # overrides. The root folder is not part of it (it belongs to the machine, not to the run).
 DATA_DEFAULTS = dict(
-    model='nrccr',                  # which model's caption streams are read
+    model='nrccr',                  # whose caption streams are read: the scheme 'nrccr' or 'mlcmr' (the model
+                                    # class's CAPTIONS; the multilingual CLIP model reads NRCCR's)
     collection='vatex',
     visual_feature='i3d_kinetics',  # folder under <rootpath>/<collection>/FeatureData
     data_type='google_enc2zh',      # NRCCR translation files <C>train_<data_type>
@@ -335,11 +344,16 @@ def data_config_from_train_args(train_args):
 def checkpoint_data_config(path, train_args):
     """The data config a checkpoint was trained with: its stored `data_cfg` over DATA_DEFAULTS, or, for a
     checkpoint that predates it, derived from its stored arguments (`train_args`, as model.load_model returns
-    them); `model` always from those arguments. The tester and util/searcher.py apply their overrides to it."""
+    them; NRCCR or MLCMR, whose caption schemes carry their names). The tester and util/searcher.py apply their
+    overrides to it."""
     stored = ckpt.load_checkpoint(path, map_location='meta').get('data_cfg')   # meta: no tensor is read
-    cfg = dict(DATA_DEFAULTS, **stored) if stored else data_config_from_train_args(train_args)
-    cfg['model'] = train_args.get('model', cfg['model'])
-    return cfg
+    return dict(DATA_DEFAULTS, **stored) if stored else data_config_from_train_args(train_args)
+
+
+def target_language(data_cfg):
+    """The query language the test files depend on: MLCMR's caption scheme has one per run (zh or en); NRCCR's
+    reads its target from data_type, so None."""
+    return data_cfg['target_language'] if data_cfg['model'] == 'mlcmr' else None
 
 
 def is_image(data_cfg):
@@ -365,7 +379,8 @@ def open_stores(rootpath, data_cfg, splits):
 # ============ what each model reads ============
 
 def train_table(rootpath, data_cfg, tokenizer):
-    """The training caption table of the run's model / mode (docs/data.md, 'NRCCR caption files', 'MLCMR caption files')."""
+    """The training caption table of the run's caption scheme (data_cfg['model']) and mode (docs/data.md, 'NRCCR caption
+    files', 'MLCMR caption files')."""
     cfg, C = data_cfg, data_cfg['collection']
     if is_image(cfg):
         streams = image_data.image_streams(rootpath, cfg, 'train')

@@ -18,9 +18,16 @@ seconds, whichever comes first, and one at the end:
 Scalars passed to `update` are averaged over the steps since the previous line. They may be 0-d tensors:
 they are summed as tensors and turned into numbers only when a line is written (or the bar's postfix is
 refreshed, at most once a second), so reporting adds no per-step device synchronisation.
+
+Another view of the same loops (e.g. the search page's progress bar) listens without changing them:
+
+    with listen(lambda p: print(p.desc, p.steps, p.total, p.samples)):
+        ...   # every Progress started in this thread inside the block calls the function on each update
 """
+import contextlib
 import logging
 import sys
+import threading
 import time
 
 logger = logging.getLogger('mlcmr')
@@ -29,6 +36,21 @@ logger = logging.getLogger('mlcmr')
 def _clock_text(seconds):
     seconds = int(round(max(seconds, 0.0)))
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+_listening = threading.local()
+
+
+@contextlib.contextmanager
+def listen(callback):
+    """Inside the block, every Progress started in this thread calls `callback(progress)` after each update and
+    at its close (progress.steps, .total, .samples, .desc, .closed); listeners nest."""
+    before = getattr(_listening, 'callbacks', ())
+    _listening.callbacks = before + (callback,)
+    try:
+        yield
+    finally:
+        _listening.callbacks = before
 
 
 def _number(v):
@@ -60,6 +82,7 @@ class Progress:
         self.lines = 0                    # log lines written
         self._sums, self._count = {}, 0   # scalars since the last line / postfix
         self._closed = False
+        self._listeners = getattr(_listening, 'callbacks', ())
         self._bar = None
         self.start = self._last_time = self._postfix_time = clock()
         self._last_steps = self._last_samples = 0
@@ -80,6 +103,8 @@ class Progress:
             v = v.detach() if hasattr(v, 'detach') else v
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._count += 1
+        for callback in self._listeners:
+            callback(self)
         now = self.clock()
         if self._bar is not None:
             self._bar.update(steps)
@@ -97,10 +122,16 @@ class Progress:
         if self._closed:
             return
         self._closed = True
+        for callback in self._listeners:
+            callback(self)
         if self._bar is not None:
             self._bar.close()
         elif self.enabled and self.steps > self._last_steps:
             self._log(self.clock(), final=True)
+
+    @property
+    def closed(self):
+        return self._closed
 
     def __enter__(self):
         return self

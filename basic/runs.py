@@ -2,7 +2,7 @@
 per-epoch history files."""
 import argparse
 import errno
-import glob
+import fnmatch
 import hashlib
 import json
 import logging
@@ -27,7 +27,7 @@ RUN_ONLY_ARGS = frozenset({'rootpath', 'device', 'workers', 'overwrite', 'resume
                            'skip_test', 'compile', 'postfix', 'cv_name', 'strict'})
 # Both stay out of the configuration hash; values the trainer derives (val_batch_size, amp_resolved) follow
 # their flag.
-NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size', 'amp_resolved'}
+NON_CONFIG_ARGS = COMPAT_ARGS | RUN_ONLY_ARGS | {'val_batch_size', 'amp_resolved', 'run_name_flags'}
 # Flags of image runs: in the hash of image runs only, so a video run keeps the folder it had before images.
 IMAGE_ONLY_ARGS = frozenset({'model_type', 'img_encoder', 'task', 'clean_eval'})
 
@@ -64,12 +64,13 @@ def output_error_message(error):
 
 def run_cli(main_fn, args):
     """Run a CLI body; bad input (DataError) and an output folder that cannot be written (full disk,
-    read-only, no permission) end it with a one-line message instead of a traceback."""
+    read-only, no permission) end it with a one-line message instead of a traceback. The message reaches
+    the terminal once (as `error: ...`) and the log file, when one is open, once."""
     from basic.errors import DataError
     try:
         return main_fn(args)
     except DataError as e:
-        logger.error('%s', e)
+        log_to_file_only(f'{e}')
         raise SystemExit(f'error: {e}') from None
     except OSError as e:
         message = output_error_message(e)
@@ -87,12 +88,9 @@ def config_hash(args):
 
 
 def run_name(args):
-    """Readable run name with the configuration in it; the hash separates every other difference."""
-    parts = [args.model, args.visual_feature]
-    if args.model == 'nrccr':
-        parts += [args.data_type, args.disc_type]
-    else:
-        parts += [args.train_mode, args.label_situation, args.target_language]
+    """Readable run name with the configuration in it: the model, the feature and the flags its class names
+    (`args.run_name_flags`, set by the trainer from RUN_NAME_FLAGS); the hash separates every other difference."""
+    parts = [args.model, args.visual_feature] + [str(getattr(args, k)) for k in args.run_name_flags]
     return '_'.join(parts + [f'cfg{config_hash(args)}'])
 
 
@@ -103,22 +101,22 @@ def run_dir(args):
                         args.postfix)
 
 
-# Files a training run writes into its folder (`--overwrite 1` removes them before starting again).
+# Files a training run writes into its folder: what `--overwrite 1` replaces (basic/replacement.py); anything
+# else there (e.g. search.py's search_cache/) is left alone.
 RUN_FILES = ('checkpoint_last.pth.tar', 'model_best.pth.tar', 'metrics.jsonl', 'val_metric_hist.txt',
              'val_metric.txt', 'train.log', 'args.json', 'env.json')
 TB_EVENTS = 'events.out.tfevents.*'
 
 
-def clean_run_dir(directory):
-    """Remove a previous run's files from `directory` (its checkpoints, history, log, TensorBoard events and
-    temporary files), leaving anything else there alone. Returns the removed paths."""
-    removed = ckpt.remove_stale_temp_files(directory)
-    for path in [os.path.join(directory, n) for n in RUN_FILES] + sorted(glob.glob(os.path.join(directory,
-                                                                                             TB_EVENTS))):
-        if os.path.isfile(path):
-            os.remove(path)
-            removed.append(path)
-    return removed
+def is_run_file(name):
+    """A file name of a training run: its checkpoints, history, log, TensorBoard events, temporary files."""
+    return name in RUN_FILES or fnmatch.fnmatch(name, TB_EVENTS) or ckpt.is_temp_name(name)
+
+
+def run_committed(directory):
+    """The run in `directory` can resume (checkpoint_last.pth.tar) or has finished (val_metric.txt): the
+    commit point of a run that replaces another (docs/training.md, 'Overwriting a run')."""
+    return any(os.path.isfile(os.path.join(directory, n)) for n in ('checkpoint_last.pth.tar', 'val_metric.txt'))
 
 
 def atomic_write_text(path, text):
@@ -192,24 +190,67 @@ def write_identity(directory, args, extra=None):
         json.dump(env, f, indent=2, default=str)
 
 
+_FILE_ONLY = 'file_only'           # a record attribute: write the record to the log file, not to the console
+_FORMAT = logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S')
+
+
+class _EarlyRecords(logging.Handler):
+    """The records logged before the log file can be opened (the run folder is written only once every
+    input was read); `attach_log_file` writes them into it first."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _tag(handler, kind):
+    handler._mlcmr = kind            # 'console', 'file' or 'early': the handlers setup_logging owns
+    return handler
+
+
 def setup_logging(log_file=None, main_process=True):
-    """Console + file logging with timestamps; non-main ranks log warnings only."""
+    """Console + file logging with timestamps; non-main ranks log warnings only. Without `log_file` the
+    main process keeps the records until `attach_log_file` names the file."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, '_mlcmr', False):
             root.removeHandler(h)
             h.close()
-    fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%H:%M:%S')
-    handlers = [logging.StreamHandler(sys.stdout)]
+    console = _tag(logging.StreamHandler(sys.stdout), 'console')
+    console.addFilter(lambda record: not getattr(record, _FILE_ONLY, False))
+    handlers = [console]
     if log_file and main_process:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(_tag(logging.FileHandler(log_file), 'file'))
+    elif main_process:
+        handlers.append(_tag(_EarlyRecords(), 'early'))
     for h in handlers:
-        h.setFormatter(fmt)
-        h._mlcmr = True
+        h.setFormatter(_FORMAT)
         root.addHandler(h)
     root.setLevel(logging.INFO if main_process else logging.WARNING)
     for noisy in ('transformers', 'httpx', 'urllib3'):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def attach_log_file(log_file):
+    """Open the log file of a `setup_logging()` begun without one: the records kept so far go in first."""
+    root = logging.getLogger()
+    handler = _tag(logging.FileHandler(log_file), 'file')
+    handler.setFormatter(_FORMAT)
+    for early in [h for h in root.handlers if getattr(h, '_mlcmr', None) == 'early']:
+        for record in early.records:
+            handler.handle(record)
+        root.removeHandler(early)
+    root.addHandler(handler)
+
+
+def log_to_file_only(message):
+    """`message` as an error into the log file (or the records kept for it), not to the console; nothing
+    when no log file is set up (the caller prints it)."""
+    if any(getattr(h, '_mlcmr', None) in ('file', 'early') for h in logging.getLogger().handlers):
+        logger.error('%s', message, extra={_FILE_ONLY: True})
 
 
 class MetricsWriter:

@@ -6,6 +6,9 @@ import os
 import torch
 import torch.nn as nn
 
+import evaluation
+from basic import data_provider as dp
+from basic import paths
 from basic.errors import DataError
 
 # Config keys shared by both models; each model adds its own (see NRCCR.DEFAULTS / MLCMR.DEFAULTS).
@@ -43,9 +46,10 @@ def load_pretrained_bert(name_or_path):
     if looks_local and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
         raise DataError(f'--bert_name {name_or_path}: no BERT folder there (config.json missing); '
                         'point --bert_name at a folder holding config.json, vocab.txt and the weights')
+    from safetensors import SafetensorError
     try:
         return BertModel.from_pretrained(name_or_path, add_pooling_layer=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:       # SafetensorError: truncated or corrupt weights
         raise DataError(f'--bert_name {name_or_path}: could not load BERT ({str(e).splitlines()[0]}); '
                         'download it once with network access, or pass a local folder') from None
 
@@ -121,13 +125,29 @@ def adam(params, lr, **kwargs):
 # ============ the interface ============
 
 class RetrievalModel(nn.Module):
-    """What the trainer relies on, shared by both models.
+    """What the trainer relies on, shared by every model.
+
+    The class also says what the model reads and how it is configured, so that the trainer, the tester and
+    the search engine never branch on a model's name (model.py lists the attributes):
+    CAPTIONS (the caption scheme of docs/data.md it reads: 'nrccr' or 'mlcmr'), AUGMENT (training batches
+    with MLCMR's masked / frame-dropped views), IMAGES (trains on image collections), RUN_NAME_FLAGS (flags
+    named in the run folder), OWN_ARGS (flags only this model has, with their argparse keywords; they exist in
+    its runs only, so other models' run folders do not change when a model is added), `config_from_args`
+    (the config dict from the trainer's flags), `check_inputs` (what it needs, checked before a run folder is made)
+    and `build_tokenizer` (the tokenizer of its text side).
 
     Under DDP the trainer calls `set_distributed` with `gather` (all-gather with gradient, so in-batch
     negatives come from the global batch), `grad_sync` and `world_size`: terms computed on gathered
     embeddings are multiplied by `world_size` before backward, because DDP averages gradients over ranks while each rank back-propagates only
     through its own slice — the product gives exactly the single-process gradient of the global batch.
     """
+
+    CAPTIONS = 'nrccr'
+    AUGMENT = False
+    IMAGES = False
+    RUN_NAME_FLAGS = ()
+    OWN_ARGS = ()
+    OWN_ARGS_TITLE = ''
 
     def __init__(self, cfg):
         super().__init__()
@@ -163,6 +183,52 @@ class RetrievalModel(nn.Module):
             return out['same_video']
         vid = self.gather(out['video_index'].unsqueeze(1).float()).squeeze(1)
         return (vid.unsqueeze(0) == vid.unsqueeze(1)) & ~torch.eye(len(vid), dtype=torch.bool, device=vid.device)
+
+
+    # ---- what the trainer and the tester ask the class ----
+    @classmethod
+    def config_from_args(cls, args, store):
+        """The model config from the trainer's parsed flags (`args`, a namespace) and the training features'
+        store (`store.dim`, `store.path`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_inputs(cls, args):
+        """What the model needs beyond the data, checked before any run folder is made (one-line DataError)."""
+
+    @classmethod
+    def build_tokenizer(cls, data_cfg):
+        """The tokenizer of the text side: the BERT WordPiece tokenizer of data_cfg['bert_name'] with its
+        lower-casing rule (docs/data.md, 'Tokenizer')."""
+        return dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
+
+    @classmethod
+    def config_for_loading(cls, cfg, bert_name=None):
+        """The stored config a checkpoint is rebuilt from; `bert_name` (the tester's --bert_name) changes nothing
+        for models whose text encoder is rebuilt from the stored `bert_config`."""
+        return cfg
+
+
+def common_config(args, feat_dim):
+    """Config keys every model takes from the trainer's flags (COMMON_DEFAULTS)."""
+    return dict(
+        bert_name=args.bert_name, trainable_layers=list(args.layer_list), frozen=args.frozen,
+        visual_feat_dim=feat_dim, mapping_dim=int(args.text_mapping_layers.split('-')[-1]),
+        mapping_dropout=args.dropout, margin=args.margin, max_violation=args.max_violation,
+        cost_style=args.cost_style, direction=args.direction, masked_pooling=args.masked_pooling,
+        dedup_negatives=args.dedup_negatives)
+
+
+def fused_validation_score(sims, cap2vid, sim_ratio):
+    """docs/training.md, 'Validation score': t2v R@1+R@5+R@10 on the min-max fused matrix (sim_ratio on the English MT)."""
+    fused = evaluation.fuse(sims[paths.ROLE_PRIMARY], sims[paths.ROLE_SECOND], sim_ratio)
+    m = evaluation.compute_metrics(fused, cap2vid)
+    return m['t2v_r1'] + m['t2v_r5'] + m['t2v_r10'], {f'val/{k}': x for k, x in m.items()}
+
+
+def english_fusion_sweep(**_):
+    """docs/evaluation.md, 'Testers': weights on the English-MT (primary) matrix; 0.2 is the validation setting."""
+    return [(f'w={w}', w) for w in (1.0, 0.8, 0.5, 0.2, 0.0)]
 
 
 def make_config(cls, **overrides):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import evaluation
 import loss as losses
 from basic import paths, precision
-from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, adam, build_bert, pool, set_bert_trainable
+from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, adam, build_bert, common_config, make_config, pool, \
+    set_bert_trainable
 
 # ============ MLCMR (docs/models.md, docs/losses.md) ============
 
@@ -69,7 +70,13 @@ def conv1d(x, conv):
 class MLCMR(RetrievalModel):
     name = 'mlcmr'
     fusion_normalize = False         # docs/evaluation.md, 'Fusion': raw errors are fused
-    RUN_DEFAULTS = dict(batch_size=64, val_batch_size=16, test_batch_size=16, cv_name='mlcmr')
+    CAPTIONS = 'mlcmr'               # docs/data.md, 'MLCMR caption files'
+    AUGMENT = True                   # docs/data.md, 'MLCMR augmentations'
+    RUN_NAME_FLAGS = ('train_mode', 'label_situation', 'target_language')
+    # per-process training batch, test batch (the tester's 16), run-folder part; validation uses the training
+    # batch; the text encoder and its fine-tuning when the flags leave them unset
+    RUN_DEFAULTS = dict(batch_size=64, test_batch_size=16, cv_name='mlcmr', bert_name='bert-base-multilingual-cased',
+                        frozen='frozen')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(6, 12)],
@@ -87,6 +94,14 @@ class MLCMR(RetrievalModel):
             cfg['visual_kernel_sizes'], cfg['mapping_dropout'], cfg['concate'], cfg['packed_gru'])
         self.video_mapping = MFC(self.video_encoder.out_dim, cfg['mapping_dim'], cfg['mapping_dropout'])
         self.text_mapping = MFC(self.bert.config.hidden_size, cfg['mapping_dim'], cfg['mapping_dropout'])
+
+    @classmethod
+    def config_from_args(cls, args, store):
+        return make_config(
+            cls, **common_config(args, store.dim), visual_rnn_size=args.visual_rnn_size,
+            visual_kernel_num=args.visual_kernel_num,
+            visual_kernel_sizes=[int(k) for k in args.visual_kernel_sizes.split('-')], concate=args.concate,
+            packed_gru=args.packed_gru, train_mode=args.train_mode)
 
     def configure_optimizers(self, lr, glr=None):
         return {'main': adam(self.main_parameters(), lr)}

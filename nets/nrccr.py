@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import evaluation
 import loss as losses
+from basic import image_data
 from basic import paths
-from nets.common import COMMON_DEFAULTS, MFC, RetrievalModel, adam, build_bert, pool, set_bert_trainable
+from nets.common import (COMMON_DEFAULTS, MFC, RetrievalModel, adam, build_bert, common_config,
+                         english_fusion_sweep, fused_validation_score, make_config, pool, set_bert_trainable)
 
 # ============ building blocks (docs/models.md, 'NRCCR building blocks') ============
 
@@ -222,8 +223,13 @@ class Discriminator(nn.Module):
 class NRCCR(RetrievalModel):
     name = 'nrccr'
     fusion_normalize = True          # docs/evaluation.md, 'Fusion': min-max normalise before fusing
-    # per-process training batch, validation batch, test batch (the references' values), run-folder part
-    RUN_DEFAULTS = dict(batch_size=128, val_batch_size=128, test_batch_size=64, cv_name='MM_2022')
+    CAPTIONS = 'nrccr'               # docs/data.md, 'NRCCR caption files'
+    IMAGES = True                    # docs/data.md, 'Image collections'
+    RUN_NAME_FLAGS = ('data_type', 'disc_type')
+    # per-process training batch, test batch (the tester's 64), run-folder part; validation uses the training
+    # batch; the text encoder and its fine-tuning when the flags leave them unset
+    RUN_DEFAULTS = dict(batch_size=128, test_batch_size=64, cv_name='MM_2022', bert_name='bert-base-multilingual-cased',
+                        frozen='frozen')
     DEFAULTS = dict(
         COMMON_DEFAULTS,
         trainable_layers=[f'layer.{i}' for i in range(5, 12)],
@@ -256,6 +262,18 @@ class NRCCR(RetrievalModel):
         self.text_mapping = MFC(cfg['text_hidden_size'], cfg['mapping_dim'], cfg['mapping_dropout'])
         self.discriminator = Discriminator(bert.config.hidden_size, cfg['disc_type'],
                                            cfg['disc_residual_on_relu'], masked_pooling=mp)
+
+    @classmethod
+    def config_from_args(cls, args, store):
+        return make_config(
+            cls, **common_config(args, store.dim), text_hidden_size=args.text_hidden_size,
+            video_hidden_size=args.video_hidden_size, text_num_attention=args.text_num_attention,
+            visual_num_attention=args.visual_num_attention, video_layer=args.video_layer,
+            attn_scale_by_key=args.attn_scale == 'key', disc_type=args.disc_type,
+            disc_residual_on_relu=args.disc_residual == 'relu', tri_alpha=args.tri_alpha, dtl_beta=args.dtl_beta,
+            back_w=args.back_w, l1_gama=args.l1_gama, scale=args.scale, dtl_detach_teacher=args.dtl_detach_teacher,
+            feat_detach_teacher=args.feat_detach_teacher, sim_ratio=args.sim_ratio,
+            visual_encoder=image_data.visual_encoder(args.img_encoder) if args.model_type == 'img' else 'transformer')
 
     # ---- optimisation ----
     def configure_optimizers(self, lr, glr=1e-3):
@@ -339,12 +357,6 @@ class NRCCR(RetrievalModel):
         return out
 
     def validation_score(self, sims, cap2vid):
-        """docs/training.md, 'Validation score': t2v R@1+R@5+R@10 on the min-max fused matrix (sim_ratio on the English MT)."""
-        fused = evaluation.fuse(sims[paths.ROLE_PRIMARY], sims[paths.ROLE_SECOND], self.cfg['sim_ratio'])
-        m = evaluation.compute_metrics(fused, cap2vid)
-        return m['t2v_r1'] + m['t2v_r5'] + m['t2v_r10'], {f'val/{k}': x for k, x in m.items()}
+        return fused_validation_score(sims, cap2vid, self.cfg['sim_ratio'])
 
-    @staticmethod
-    def fusion_sweep(**_):
-        """docs/evaluation.md, 'Testers': weights on the English-MT (primary) matrix; 0.2 is the validation setting."""
-        return [(f'w={w}', w) for w in (1.0, 0.8, 0.5, 0.2, 0.0)]
+    fusion_sweep = staticmethod(english_fusion_sweep)

@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny toy collection with a tiny local BERT, built once per test session."""
+import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +23,35 @@ def toy_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('VisualSearch')
     make_toy_collection(str(root), 'toy', **TINY)
     return str(root)
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+    """The demo of README 'Search your own videos', once per session: generated coloured .mp4 files, their
+    features (with frame times and thumbnails) and a toy MLCMR run; a dict of make_demo's paths plus root,
+    feature_dir and run_dir."""
+    pytest.importorskip('av', reason='PyAV is optional (requirements-optional.txt): pip install av')
+    import logging
+    import trainer
+    from util import extract_features
+    from util.make_demo_videos import COLLECTION, make_demo
+    root = str(tmp_path_factory.mktemp('demo'))
+    demo = make_demo(root)
+    feature_dir = os.path.join(root, COLLECTION, 'FeatureData', 'tiny_clip')
+    extract_features.main(['--videos', demo['video_dir'], '--out', feature_dir, '--model', demo['clip_dir'],
+                           '--device', 'cpu', '--progress', '0', '--thumbnails', '1'])
+    run = trainer.main(['--model', 'mlcmr', '--rootpath', root, '--collection', COLLECTION,
+                        '--visual_feature', 'tiny_clip', '--bert_name', demo['bert_dir'], '--frozen', 'finetune',
+                        '--masked_pooling', '1', '--text_mapping_layers', '0-32', '--visual_mapping_layers', '0-32',
+                        '--visual_rnn_size', '16', '--visual_kernel_num', '8', '--batch_size', '16',
+                        '--num_epochs', '15', '--learning_rate', '1e-3', '--max_violation', '--workers', '0',
+                        '--device', 'cpu', '--seed', '0', '--skip_test', '1', '--cv_name', 'demo'])
+    # the trainer's log handlers (stdout) outlive its main() in this process; search logs to stderr, and its
+    # progress lines must not land in the JSON on stdout
+    root_logger = logging.getLogger()
+    for handler in [h for h in root_logger.handlers if getattr(h, '_mlcmr', False)]:
+        root_logger.removeHandler(handler)
+    return dict(demo, root=root, feature_dir=feature_dir, run_dir=run['run_dir'])
 
 
 def tiny_train_argv(root, run_tag, *extra):
@@ -66,3 +98,33 @@ def interrupt_after_epochs(monkeypatch, argv, epochs=1):
     with pytest.raises(KeyboardInterrupt):
         trainer.main(argv)
     monkeypatch.setattr(trainer, 'train_one_epoch', real_epoch)
+
+
+# Runs <module>.main(argv) and kills its own process (SIGKILL, as `kill -9`) just before the nth os.replace
+# onto a path whose base name is `target`: that rename (a checkpoint's, a file moved aside, ...) never happens.
+KILL_DRIVER = r'''
+import importlib, json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+module, target, nth, argv = sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+real_replace, seen = os.replace, [0]
+
+def replace(src, dst, *a, **k):
+    if os.path.basename(str(dst)) == target:
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *a, **k)
+
+os.replace = replace
+importlib.import_module(module).main(argv)
+'''
+
+
+def run_killed(module, argv, target, nth, tmp_path):
+    """`module`.main(argv) (trainer, tester) in a subprocess killed at the nth os.replace onto `target`."""
+    driver = tmp_path / 'kill_driver.py'
+    driver.write_text(KILL_DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, str(driver), str(REPO), module, target, str(nth), json.dumps(argv)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -25,7 +25,7 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
     assert {'machine', 'settings', 'peak', 'data', 'train', 'profile', 'components', 'encode', 'eval', 'image',
-            'search', 'epoch', 'notes', 'total_s'} <= set(report)
+            'search', 'page', 'epoch', 'notes', 'total_s'} <= set(report)
     assert 'compile' not in report                      # asked for by name only (minutes per configuration)
     machine = report['machine']
     assert {'date', 'torch', 'python', 'cpu', 'cpu_count', 'devices'} <= set(machine)
@@ -117,6 +117,11 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
     for row in report['search']:
         assert row['device'] == 'cpu'
         _positive(row, ['value'])
+    # page: latency under concurrent clients and no errors (empty where starlette / uvicorn are missing)
+    page = {r['name']: r['value'] for r in report['page']}
+    assert not page or (page['page_errors'] == 0 and page['page_query_p50'] > 0
+                        and page['page_queries'] == benchmark.bench_page.QUICK['clients']
+                        * benchmark.bench_page.QUICK['queries_per_client'])
     # epoch: trainer.py processes, NRCCR and MLCMR side by side, --amp off and auto, the other defaults
     assert [(r['model'], r['amp']) for r in report['epoch']] == [(m, a) for a in ('off', 'auto') for m in ('nrccr', 'mlcmr')]
     for row in report['epoch']:

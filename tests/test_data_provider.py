@@ -116,6 +116,26 @@ def test_train_items_pair_by_video_and_k(toy_root, tok, store):
     assert np.array_equal(table.tokens['tr'][i], expected)
 
 
+@pytest.mark.parametrize('model', ['nrccr', 'mlcmr'])
+def test_train_item_holds_the_frames_of_its_captions_video(toy_root, tok, store, model):
+    """Item i: the frames (first 64, mean over all) of the video its caption id names, that video's index,
+    and row i of every caption stream."""
+    from basic.captions import parse_cap_id
+    table = dp.train_table(*provider_args(toy_root, model=model), tok)
+    ds = dp.TrainDataset(table, store, augment=model == 'mlcmr')
+    assert len(set(table.video_ids)) > 1 and any(len(store.video2frames[v]) > dp.VIDEO_MAX_LEN
+                                                 for v in table.video_ids)
+    for i in range(len(ds)):
+        item = ds[i]
+        video = parse_cap_id(table.cap_ids[i])[0]
+        frames = store.bigfile.read(store.video2frames[video])
+        capped, mean = item['video']
+        assert np.array_equal(capped, frames[:dp.VIDEO_MAX_LEN]) and np.allclose(mean, frames.mean(axis=0)), i
+        assert table.videos[item['video_index']] == video, i
+        for role, tokens in table.tokens.items():
+            assert np.array_equal(item['text'][role], tokens[i]), (i, role)
+
+
 def test_mlcmr_augmentation_is_deterministic_and_varies_by_epoch(toy_root, tok, store):
     table = dp.train_table(*provider_args(toy_root, model='mlcmr'), tok)
     ds = dp.TrainDataset(table, store, augment=True, mask_id=103, seed=1)

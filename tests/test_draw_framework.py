@@ -1,16 +1,24 @@
 """util/draw_framework.py: the labels of framework.png are read from the models, and the figure renders."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip('matplotlib')
+st = pytest.importorskip('sentence_transformers', reason='the mclip panel\'s stand-in tower is a sentence-transformers '
+                         'folder (sentence-transformers is optional: requirements-optional.txt)')
+
+import torch  # noqa: E402
 
 import model  # noqa: E402
+from basic.clip_encoder import save_tiny_clip  # noqa: E402
 from nets import nrccr  # noqa: E402
 from util import draw_framework as fw  # noqa: E402
+from util.make_toy_data import write_tiny_bert  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SIZE = (1540, 1600)         # framework.png, (height, width) in pixels
 
 
 @pytest.fixture(scope='module')
@@ -39,6 +47,18 @@ def test_default_labels_show_paper_dimensions(defaults):
     assert m['streams'] == ['en', 'zh'] and len(m['losses']) == 5
     assert 'drop 80%' in m['video_aug_input'] and '15% of tokens' in m['text_aug']
     assert 'NCE τ=0.07' in m['tri_note'] and 'margin 0.2' in m['tri_note']
+    # mclip with the stand-in tower: the default tower's layout and CLIP size, CLIP features of that size
+    c = defaults['mclip']
+    assert c['tower']['chain'] == ['Transformer (bert 2×32)', 'mean Pooling', 'Dense 32→512']
+    assert c['tower']['aligned_to'] == 'openai/clip-vit-base-patch32' and c['tower']['trained'] == 'fully fine-tuned'
+    assert 'tiny local stand-in for\nsentence-transformers/clip-ViT-B-32-multilingual-v1' in c['tower_label']
+    assert c['video_input'] == 'frame features\n(B, L, 512)' and c['video_out'] == 'l2n\n512-d'
+    assert c['video_proj'].startswith('Linear 512→512 per frame')          # the features record no CLIP: projected
+    assert c['text_proj'].startswith('no projection') and c['dims']['text_projection'] is None
+    assert c['temporal'].startswith('masked mean') and c['dims']['temporal_layers'] == 0
+    assert c['streams'] == ['src', 'tr'] and [w for w, *_ in c['losses']] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert c['temperature'] == dict(init=pytest.approx(0.07), learned=True, max_scale=100.0)
+    assert [d['file'] for d in defaults.values()] == ['nets/nrccr.py', 'nets/mlcmr.py', 'nets/mclip.py']
 
 
 def test_labels_follow_config_changes():
@@ -47,7 +67,10 @@ def test_labels_follow_config_changes():
                  trainable_layers=['layer.2', 'layer.3'])
     mlcmr = dict(visual_feat_dim=300, visual_rnn_size=64, visual_kernel_num=32, visual_kernel_sizes=[3, 7],
                  concate='reduced', mapping_dim=640, train_mode='unparallel', frozen='all_frozen')
-    d = fw.describe_models(nrccr, mlcmr)
+    mclip = dict(temporal='transformer', temporal_layers=2, temporal_heads=4, video_projection=False, c2kd_w=0.5,
+                 bt_w=0.25, feat_w=2.0, init_temperature=0.05, learn_temperature=False, frozen='frozen',
+                 trainable_layers=['layer.1'])
+    d = fw.describe_models(nrccr, mlcmr, mclip)
     n, m = d['nrccr'], d['mlcmr']
     assert 'LinearLayer 300→512' in n['video_proj'] and 'Self-attn ×2' in n['video_attn']
     assert n['video_mapping'] == 'MFC 512→640'
@@ -61,6 +84,13 @@ def test_labels_follow_config_changes():
     assert m['video_mapping'] == 'MFC 192→640' and m['concat'] == 'concat\n192'
     assert 'all frozen' in m['bert']['label']
     assert m['streams'] == ['half'] and len(m['losses']) == 3
+    c = d['mclip']
+    assert c['video_proj'].startswith('frames as they are') and c['dims']['video_projection'] is None
+    assert c['temporal'].startswith('Transformer ×2, 4 heads\nMLP 512→2048→512, 64 pos.')
+    assert c['tower']['trained'] == 'layer 1 trained'
+    assert c['streams'] == ['src', 'tr', 'bt'] and [w for w, *_ in c['losses']] == [1.0, 1.0, 0.5, 0.25, 2.0]
+    assert c['temperature'] == dict(init=pytest.approx(0.05), learned=False, max_scale=100.0)
+    assert any('margin 0.2' in note for note in c['notes'])                # the triplet term is on
 
 
 def test_dims_equal_the_modules_of_an_independently_built_model():
@@ -74,6 +104,72 @@ def test_dims_equal_the_modules_of_an_independently_built_model():
     assert n['text_hidden'] == ref.text_mapping.fc1.in_features == 192
     assert n['video_heads'] == ref.video_encoder.encoder_layer.heads == 2
     assert n['mapping_dim'] == ref.video_mapping.fc1.out_features == 1536
+
+
+def _tiny_st(folder):
+    """A sentence-transformers folder of another layout than the stand-in's, built with its own classes."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Dense, Pooling, Transformer
+    bert = os.path.join(folder, 'bert')
+    write_tiny_bert(bert, hidden=48, layers=3)
+    modules = [Transformer(bert), Pooling(48, 'cls'), Dense(48, 24, activation_function=torch.nn.Tanh())]
+    st.SentenceTransformer(modules=modules, device='cpu').save(os.path.join(folder, 'st'))
+    return os.path.join(folder, 'st')
+
+
+def _mclip_dims_and_reference(tmp_path, tower_format):
+    """The mclip labels drawn with a tiny tower of `tower_format`, and an MCLIP built independently from it."""
+    if tower_format == 'sentence-transformers':
+        folder = _tiny_st(str(tmp_path))
+    elif tower_format == 'clip':
+        folder = save_tiny_clip(str(tmp_path / 'clip'))                    # 2 layers × 32, projection 16
+    else:
+        folder = str(tmp_path / 'bert')
+        write_tiny_bert(folder, hidden=32, layers=2)
+    overrides = dict(bert_name=folder, visual_feat_dim=40, temporal='transformer', temporal_layers=2)
+    labels = fw.describe_models(mclip=overrides)['mclip']
+    return labels, model.build_model(model.model_config('mclip', **overrides))
+
+
+@pytest.mark.parametrize('tower_format, chain, joint', [
+    ('sentence-transformers', ['Transformer (bert 3×48)', 'cls Pooling', 'Dense 48→24 + Tanh'], 24),
+    ('clip', ['CLIP text model 2×32', 'end-of-text state', 'projection 32→16'], 16),
+    ('encoder', ['bert 2×32', 'masked mean'], 1536)])        # aligned to no CLIP: both sides map to mapping_dim
+def test_mclip_dims_equal_the_modules_of_an_independently_built_model(tmp_path, tower_format, chain, joint):
+    c, ref = _mclip_dims_and_reference(tmp_path, tower_format)
+    dims, tower = c['dims'], c['tower']
+    assert ref.cfg['tower_format'] == tower_format and tower['chain'] == chain
+    assert dims['joint_dim'] == ref.cfg['joint_dim'] == joint and f'l2n\n{joint}-d' == c['video_out']
+    vp = ref.video_projection
+    assert dims['video_projection'] == (vp.in_features, vp.out_features) == (40, joint)
+    assert f'Linear 40→{joint} per frame' in c['video_proj']
+    if ref.text_projection is None:
+        assert dims['text_projection'] is None and dims['tower_dim'] == ref.text_tower.dim == joint
+    else:
+        assert dims['text_projection'] == (ref.text_projection.in_features, ref.text_projection.out_features) \
+            == (32, joint)
+        assert c['text_proj'].startswith(f'Linear 32→{joint}')
+    assert dims['temporal_layers'] == len(ref.temporal.blocks) == 2
+    assert dims['temporal_heads'] == ref.temporal.blocks[0].attn.num_heads == 8
+    assert dims['temporal_mlp'] == ref.temporal.blocks[0].mlp[0].out_features == 4 * joint
+    assert dims['temporal_positions'] == ref.temporal.position.shape[0]
+    assert tower['trained'] == 'fully fine-tuned' and 'stand-in' not in c['tower_label']
+    assert (tower['aligned_to'] is None) == (tower_format != 'clip')       # a CLIP is its own; the others name none
+
+
+def test_drawing_mclip_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    fw.describe_models(mclip=dict(temporal='transformer'))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_footer_names_where_each_panel_is_built(defaults):
+    text = fw.footer(defaults, ['mclip.c2kd_w=1'])
+    for name, path in (('nrccr', 'nets/nrccr.py'), ('mlcmr', 'nets/mlcmr.py'), ('mclip', 'nets/mclip.py')):
+        assert f'{name}: {path}' in text and (REPO / path).is_file()
+    assert '(text towers: nets/text_towers.py)' in text and text.endswith('\nwith --set mclip.c2kd_w=1')
 
 
 def test_discriminator_chains():
@@ -93,9 +189,10 @@ def test_wrap_name_keeps_every_character():
 def test_cli_draws_png(tmp_path, capsys):
     import matplotlib.image as mpimg
     out = tmp_path / 'fw.png'
-    assert fw.main(['--out', str(out), '--set', 'nrccr.back_w=0.5', '--set', 'mlcmr.train_mode=unparallel']) == 0
+    assert fw.main(['--out', str(out), '--set', 'nrccr.back_w=0.5', '--set', 'mlcmr.train_mode=unparallel',
+                    '--set', 'mclip.temporal=transformer', '--set', 'mclip.bt_w=0.5']) == 0
     img = mpimg.imread(out)
-    assert img.shape[:2] == (1060, 1600)
+    assert img.shape[:2] == SIZE
     assert img[..., :3].min() < 0.3 and img[0, 0, :3].min() == 1.0      # dark ink on a white background
     assert str(out) in capsys.readouterr().out
 
@@ -103,16 +200,27 @@ def test_cli_draws_png(tmp_path, capsys):
 def test_cli_refuses_bad_overrides(tmp_path):
     with pytest.raises(SystemExit, match='MODEL.KEY=VALUE'):
         fw.parse_overrides(['back_w=0.5'])
+    with pytest.raises(SystemExit, match='MODEL nrccr, mlcmr or mclip'):
+        fw.parse_overrides(['clip.temporal=mean'])
     with pytest.raises(SystemExit, match='no_such_key'):
         fw.main(['--out', str(tmp_path / 'x.png'), '--set', 'nrccr.no_such_key=1'])
-    assert fw.parse_overrides(['mlcmr.visual_kernel_sizes=[2, 3]', 'nrccr.disc_type=strong']) == {
-        'nrccr': {'disc_type': 'strong'}, 'mlcmr': {'visual_kernel_sizes': [2, 3]}}
+    with pytest.raises(SystemExit, match=r'^--set: .*no_such_folder: no such text model folder'):
+        fw.main(['--out', str(tmp_path / 'x.png'), '--set', f'mclip.bert_name={tmp_path / "no_such_folder"}'])
+    assert not (tmp_path / 'x.png').exists()
+    assert fw.parse_overrides(['mlcmr.visual_kernel_sizes=[2, 3]', 'nrccr.disc_type=strong',
+                               'mclip.temporal=transformer', 'mclip.video_projection=False']) == {
+        'nrccr': {'disc_type': 'strong'}, 'mlcmr': {'visual_kernel_sizes': [2, 3]},
+        'mclip': {'temporal': 'transformer', 'video_projection': False}}
 
 
-def test_missing_matplotlib_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, 'matplotlib', None)     # makes `import matplotlib` raise ImportError
+@pytest.mark.parametrize('missing, line', [
+    (['matplotlib'], 'pip install matplotlib to redraw framework.png'),
+    (['matplotlib', 'sentence_transformers'], 'pip install matplotlib sentence-transformers to redraw framework.png')])
+def test_missing_package_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path, missing, line):
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)        # makes `import name` raise ImportError
     assert fw.main(['--out', str(tmp_path / 'x.png')]) == 1
-    assert capsys.readouterr().out.strip() == 'pip install matplotlib to redraw framework.png'
+    assert capsys.readouterr().out.strip() == line
     assert not (tmp_path / 'x.png').exists()
 
 
@@ -121,4 +229,4 @@ def test_committed_figure_has_the_drawn_size():
     png = REPO / 'framework.png'
     if not png.exists():
         pytest.skip('framework.png not generated yet: python util/draw_framework.py')
-    assert mpimg.imread(png).shape[:2] == (1060, 1600)
+    assert mpimg.imread(png).shape[:2] == SIZE

@@ -104,7 +104,7 @@ def test_interrupted_run_is_redone_never_half_written(video_dir, tmp_path, tiny_
     monkeypatch.setattr(ClipImageEmbedder, 'embed_pixels', dying)
     with pytest.raises(KeyboardInterrupt):       # batch 6 = one video per forward pass: 2 videos finished
         _run(video_dir, out, tiny_clip, '--batch_size', '6', '--decode_workers', '1')
-    shards = sorted(os.listdir(out / ef.SHARD_DIR))
+    shards = sorted(n for n in os.listdir(out / ef.SHARD_DIR) if n.endswith('.npy'))
     assert shards == ['clip0.npy', 'clip1.npy'] and not os.path.exists(out / 'feature.bin')
     monkeypatch.setattr(ClipImageEmbedder, 'embed_pixels', real)
     resumed = _run(video_dir, out, tiny_clip, '--batch_size', '6')
@@ -121,3 +121,59 @@ def test_other_settings_are_refused(video_dir, tmp_path, tiny_clip):
     summary = ef.main(['--videos', str(video_dir), '--out', str(out), '--model', tiny_clip, '--fps', '1',
                        '--progress', '0', '--device', 'cpu', '--overwrite', '1'])
     assert summary['frames'] == 4 * 3
+
+
+# ============ frame times and thumbnails ============
+
+def _frame_times(out):
+    from basic import media
+    return {vid: list(t) for vid, t in media.read_frame_times(str(out / media.FRAME_TIMES)).items()}
+
+
+def test_frame_times_video_folder_and_thumbnails(video_dir, tmp_path, tiny_clip):
+    from PIL import Image
+    from basic import media
+    out = tmp_path / 'feat'
+    _run(video_dir, out, tiny_clip, '--thumbnails', '1', '--thumb_size', '32')
+    # 8 fps files sampled at 2 fps: frames 0, 4, 8, ... at 0, 0.5, 1.0, ... s
+    assert _frame_times(out) == {f'clip{i}': [0.5 * j for j in range(6)] for i in range(4)}
+    assert media.read_video_folder(str(out)) == str(video_dir)
+    thumbs = out / media.THUMBNAILS
+    for i in range(4):
+        names = sorted(os.listdir(thumbs / f'clip{i}'))
+        assert names == [f'{j}.jpg' for j in range(6)]
+        for j, reference in enumerate(_reference_frames(str(video_dir / f'clip{i}.mp4'), FPS // 2)):
+            with Image.open(thumbs / f'clip{i}' / f'{j}.jpg') as im:
+                assert im.size == (32, 32)              # 40 x 40 frames, at most 32 a side
+                small = np.asarray(reference.resize((32, 32)), dtype=np.float64)
+                assert np.abs(np.asarray(im, dtype=np.float64) - small).mean() < 12    # the frame, as JPEG
+        with Image.open(thumbs / f'clip{i}.jpg') as whole, Image.open(thumbs / f'clip{i}' / '3.jpg') as middle:
+            assert np.array_equal(np.asarray(whole), np.asarray(middle))
+    assert not os.path.exists(thumbs / 'broken') and not os.path.exists(thumbs / 'has space.jpg')
+
+
+def test_thumbnails_and_times_are_completed_without_clip(video_dir, tmp_path, tiny_clip, monkeypatch):
+    """A re-run with --thumbnails after a run without writes them, a folder whose frame times are missing (made
+    before they were recorded) gets them, and a video whose thumbnails were cut short is redone: all by decoding
+    again, never by running CLIP again; the features stay byte for byte."""
+    from basic import media
+    out = tmp_path / 'feat'
+    _run(video_dir, out, tiny_clip)
+    features, times = (out / 'feature.bin').read_bytes(), _frame_times(out)
+    assert not os.path.exists(out / media.THUMBNAILS)
+
+    def no_clip(self, pixels):
+        raise AssertionError('CLIP ran again')
+    monkeypatch.setattr(ClipImageEmbedder, 'embed_pixels', no_clip)
+    summary = _run(video_dir, out, tiny_clip, '--thumbnails', '1')
+    assert summary['extracted'] == 0 and summary['completed'] == 4
+    assert all(os.path.exists(out / media.THUMBNAILS / f'clip{i}.jpg') for i in range(4))
+
+    os.remove(out / media.FRAME_TIMES)
+    os.remove(out / media.THUMBNAILS / 'clip2.jpg')                 # its per-frame files may be partial
+    summary = _run(video_dir, out, tiny_clip, '--thumbnails', '1')
+    assert summary['extracted'] == 0 and summary['completed'] == 4 and summary['timed'] == 4
+    assert _frame_times(out) == times and (out / 'feature.bin').read_bytes() == features
+    assert os.path.exists(out / media.THUMBNAILS / 'clip2.jpg')
+    again = _run(video_dir, out, tiny_clip, '--thumbnails', '1')
+    assert again['completed'] == 0 and again['extracted'] == 0

@@ -99,7 +99,7 @@ def test_shared_pieces_live_in_the_lower_layers():
     assert inspect.signature(dp.EvalData).parameters.keys() >= {'rootpath', 'data_cfg', 'split'}
     assert list(inspect.signature(training.train_step).parameters)[:7] == [
         'model', 'ddp_model', 'batch', 'optimizers', 'scaler', 'autocast', 'grad_clip']
-    assert models.NRCCR.RUN_DEFAULTS['batch_size'] == 128 and models.MLCMR.RUN_DEFAULTS['val_batch_size'] == 16
+    assert models.NRCCR.RUN_DEFAULTS['batch_size'] == 128 and models.MLCMR.RUN_DEFAULTS['test_batch_size'] == 16
 
 
 # ============ item 13: the data config ============

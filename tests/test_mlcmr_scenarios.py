@@ -49,3 +49,21 @@ def test_other_language_does_not_overwrite_results(toy_root):
     assert zh['results_dir'] != en['results_dir'] and not en.get('skipped')
     with open(os.path.join(en['results_dir'], 'report.txt')) as f:
         assert 'toytest.caption.txt' in f.read()             # English queries for target en
+
+
+@pytest.mark.parametrize('model,batch,expected', [('mlcmr', 12, 12), ('nrccr', 12, 12)])
+def test_validation_batch_follows_the_original(toy_root, monkeypatch, model, batch, expected):
+    """Both originals validate with their training batch size (only their testers use 64 / 16): read off the run's
+    args.json and off the batches validation encoded."""
+    import evaluation
+    seen, real = [], evaluation.encode_split
+    monkeypatch.setattr(evaluation, 'encode_split', lambda m, d, batch_size, *a, **k:
+                        seen.append(batch_size) or real(m, d, batch_size, *a, **k))
+    argv = tiny_train_argv(toy_root, f'valbatch{batch}', '--model', model, '--num_epochs', '0', '--skip_test', '1')
+    i = argv.index('--eval_batch_size')
+    del argv[i:i + 2]                                        # the default, not the tests' 8
+    argv[argv.index('--batch_size') + 1] = str(batch)
+    run = trainer.main(argv)['run_dir']
+    with open(os.path.join(run, 'args.json')) as f:
+        assert json.load(f)['val_batch_size'] == expected
+    assert seen == [expected]                                # --num_epochs 0 validates the untrained model once

@@ -3,6 +3,7 @@ import argparse
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,6 +273,50 @@ def test_mlcmr_loss_terms(toy_root):
     assert loss.item() == pytest.approx(expected, rel=1e-5) and logs['loss'] == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.video_encoder.parameters())
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_mlcmr_embeddings_are_unit_norm(toy_root, mode):
+    """Every MLCMR embedding (videos, frame-dropped videos, each caption stream and its masked copy) lies on
+    the unit sphere, in training and in evaluation (docs/models.md, 'Latent mapping')."""
+    torch.manual_seed(0)
+    model = models.build_model(small_cfg(toy_root, 'mlcmr'))
+    getattr(model, mode)()
+    batch = mlcmr_batch()
+    with torch.no_grad():
+        out = model(batch)
+        embedded = {'videos': model.embed_videos(batch['video']), **model.embed_texts(batch['text'])}
+    for name, emb in [(k, out[k]) for k in ('v', 'v_aug', 'en', 'zh', 'en_masked', 'zh_masked')] + \
+            list(embedded.items()):
+        assert torch.allclose(emb.norm(dim=1), torch.ones(len(emb)), atol=1e-5), name
+
+
+def hand_t2v_score(primary, second, cap2vid, w):
+    """t2v R@1 + R@5 + R@10 (percent) of w * minmax(primary) + (1 - w) * minmax(second), by hand."""
+    def minmax(m):
+        return (m - m.min()) / (m.max() - m.min())
+    fused = w * minmax(primary) + (1 - w) * minmax(second)
+    ranks = np.array([1 + int((row > row[c]).sum()) for row, c in zip(fused, cap2vid)])
+    return sum(100.0 * np.mean(ranks <= k) for k in (1, 5, 10)), 100.0 * np.mean(ranks <= 1)
+
+
+def test_nrccr_validation_score_is_the_sim_ratio_fusion(toy_root):
+    """docs/training.md, 'Validation score': t2v R@1+5+10 of the min-max fusion with --sim_ratio on the English
+    MT (the primary stream) and 1 - sim_ratio on the human caption, on an input where swapping them changes
+    the score."""
+    rng = np.random.default_rng(0)
+    n_captions, n_videos = 40, 20
+    cap2vid = np.arange(n_captions) % n_videos
+    primary = rng.standard_normal((n_captions, n_videos))            # the English MT: a weak signal, wide range
+    second = rng.standard_normal((n_captions, n_videos)) * 0.1        # the human caption: a strong one
+    primary[np.arange(n_captions), cap2vid] += 0.8
+    second[np.arange(n_captions), cap2vid] += 0.12
+    model = models.build_model(small_cfg(toy_root, 'nrccr', sim_ratio=0.2))
+    score, logs = model.validation_score({'primary': torch.from_numpy(primary), 'second': torch.from_numpy(second)},
+                                         torch.from_numpy(cap2vid))
+    expected, r1 = hand_t2v_score(primary, second, cap2vid, 0.2)
+    assert hand_t2v_score(primary, second, cap2vid, 0.8)[0] != pytest.approx(expected)   # the swap shows
+    assert score == pytest.approx(expected) and logs['val/t2v_r1'] == pytest.approx(r1)
 
 
 def test_fusion_sweeps():

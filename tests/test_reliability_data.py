@@ -196,3 +196,64 @@ def test_derived_half_split_without_captions_is_named(toy_root, tmp_path):
     assert str(text / 'toytrain.caption.txt') in one_line(str(e.value)) and 'train_half' in str(e.value)
     other = next(s for s in range(100) if np.random.default_rng(s).permutation(2)[0] == 0)
     assert len(dp.derive_half_table(str(tmp_path), 'toy', tokenizer, seed=other)) == 2
+
+
+# ============ one copy of each one-line error (issue #17, item 4) ============
+
+def cli(script, *argv):
+    """(return code, stdout + stderr) of `python script argv...` as a user runs it."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, str(REPO / script), *argv], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_trainer_error_is_printed_once_and_writes_nothing(collection, toy_root):
+    import trainer
+    from basic import runs
+    empty = os.path.join(collection, 'toy', 'TextData', 'toytrain_google_enc2zh.caption.txt')
+    open(empty, 'w').close()
+    argv = argv_for(collection, toy_root, 'once', '--num_epochs', '1', '--skip_test', '1')
+    code, out = cli('trainer.py', *argv)
+    assert code == 1 and out.count(f'{empty}: no captions') == 1 and f'error: {empty}: no captions' in out
+    assert not os.path.exists(runs.run_dir(trainer.parse_args(argv)))    # every input read before the folder
+
+
+def test_tester_error_is_printed_once(collection, toy_root, tmp_path):
+    import trainer
+    run = trainer.main(argv_for(collection, toy_root, 'clean', '--num_epochs', '0', '--skip_test', '1'))
+    common = ['--rootpath', collection, '--logger_name', run['run_dir'], '--device', 'cpu', '--workers', '0']
+    code, out = cli('tester.py', *common, '--checkpoint_name', 'missing.pth.tar')
+    assert code == 1 and out.count('missing.pth.tar: checkpoint not found') == 1
+    # found while encoding, with test.log open: once on the terminal, once in the log
+    row, frame_id = poison_frame(collection, first_video(collection, 'toytest_zh.caption.txt'))
+    results = tmp_path / 'results'
+    code, out = cli('tester.py', *common, '--results_dir', str(results))
+    expected = f'row {row} (frame id {frame_id}) holds NaN'
+    assert code == 1 and out.count(expected) == 1
+    assert (results / 'test.log').read_text().count(expected) == 1
+
+
+@pytest.mark.parametrize('flags,expected', [
+    (['-q', 'a dog', '-k', '0'], '-k 0: the number of results per query must be at least 1'),
+    (['-q', 'a dog', '--weight', '-0.5'], '--weight -0.5: the fusion weight on the English text must be in [0, 1]'),
+    (['-q', '  '], '--query number 1 is empty'),
+    (['-q', 'a dog'], 'no_such_run: no such checkpoint file or run folder'),
+])
+def test_search_stops_with_one_line(tmp_path, flags, expected):
+    code, out = cli('search.py', '--checkpoint', str(tmp_path / 'no_such_run'), '--device', 'cpu', *flags)
+    assert code == 1 and out.strip().count('\n') == 0 and out.startswith('error: ') and expected in out, out
+
+
+def test_search_queries_file_without_a_query_is_named(tmp_path):
+    import search
+    parser = search.get_args_parser()
+    for content, expected in (('a dog\n\tonly english\n', ':2: the query before the tab is empty'),
+                              ('\n  \n', 'no queries')):
+        path = tmp_path / 'q.txt'
+        path.write_text(content, encoding='utf-8')
+        with pytest.raises(DataError) as e:
+            search.read_queries(parser.parse_args(['--checkpoint', 'x', '--queries_file', str(path)]))
+        assert one_line(str(e.value)).startswith(str(path)) and expected in str(e.value)

@@ -3,40 +3,17 @@ files, history files, the test after training, output errors, input checks, --ov
 import errno
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import tester
 import trainer
-from conftest import REPO, interrupt_after_epochs, tiny_train_argv
+from conftest import interrupt_after_epochs, run_killed, tiny_train_argv
 from basic import checkpoint as ckpt
 from basic import runs
 
 TIMING = ('seconds', 'samples_per_s')
-
-# Runs trainer.main(argv) and kills its own process (SIGKILL, as `kill -9`) just before the nth os.replace
-# onto a file named `target`: the temporary file is complete, the rename has not happened.
-KILL_DRIVER = r'''
-import json, os, signal, sys
-sys.path.insert(0, sys.argv[1])
-target, nth, argv = sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-real_replace, seen = os.replace, [0]
-
-def replace(src, dst, *a, **k):
-    if os.path.basename(str(dst)) == target:
-        seen[0] += 1
-        if seen[0] == nth:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real_replace(src, dst, *a, **k)
-
-os.replace = replace
-import trainer
-trainer.main(argv)
-'''
 
 
 def run_argv(root, tag, *extra):
@@ -44,13 +21,7 @@ def run_argv(root, tag, *extra):
 
 
 def killed_run(root, tag, target, nth, tmp_path, *extra):
-    driver = tmp_path / 'kill_driver.py'
-    driver.write_text(KILL_DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, str(driver), str(REPO), target, str(nth),
-                           json.dumps(run_argv(root, tag, *extra))], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_killed('trainer', run_argv(root, tag, *extra), target, nth, tmp_path)
 
 
 def records(path):

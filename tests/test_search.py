@@ -1,7 +1,6 @@
 """Search: the tester's exact similarities and rankings, the gallery cache, FAISS, the CLI, and end to end from
 generated .mp4 files to a query whose top-1 video is the one it describes."""
 import json
-import logging
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ import evaluation
 import search
 import tester
 import trainer
+from basic import checkpoint as ckpt
 from basic.captions import match_captions, read_captions
 from conftest import tiny_train_argv
 from util.searcher import LowPrecisionGallery, Searcher, topk_stable, unit64
@@ -160,6 +160,62 @@ def test_gallery_cache_is_reused_until_features_change(tested_run, toy_root, tmp
         os.utime(feature_bin, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def test_retrained_checkpoint_of_the_same_size_is_encoded_again(tested_run, toy_root, tmp_path):
+    """Retraining rewrites model_best.pth.tar with the same configuration, usually the same byte size: the
+    cache key holds its modification time, so the new weights' gallery is encoded, never the stale one."""
+    _, run_dir, _ = tested_run
+    path = str(tmp_path / 'run' / 'model_best.pth.tar')
+    os.makedirs(os.path.dirname(path))
+    saved = torch.load(os.path.join(run_dir, 'model_best.pth.tar'), weights_only=True)
+    ckpt.save_checkpoint(saved, path)
+    cache = str(tmp_path / 'cache')
+    first = Searcher.from_checkpoint(path, toy_root, cache_dir=cache)
+    size, mtime = os.path.getsize(path), os.stat(path).st_mtime_ns
+    saved['model']['video_mapping.fc1.weight'].neg_()        # "retrained": other weights, same layout
+    ckpt.save_checkpoint(saved, path)
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))      # a later save, whatever the clock's resolution
+    assert os.path.getsize(path) == size                     # same path, same size: only the time tells
+    logs = []
+    second = Searcher.from_checkpoint(path, toy_root, cache_dir=cache, log=logs.append)
+    assert logs[0].startswith('gallery: encoding') and second.cache_folder != first.cache_folder
+    fresh = Searcher.from_checkpoint(path, toy_root, cache=False)
+    assert torch.equal(second.video_emb, fresh.video_emb) and not torch.equal(second.video_emb, first.video_emb)
+
+
+def folder_bytes(folder):
+    out = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), 'rb') as f:
+            out[name] = f.read()
+    return out
+
+
+def test_unreadable_cache_is_encoded_again_and_a_failed_write_keeps_nothing(tested_run, toy_root, tmp_path,
+                                                                           monkeypatch):
+    _, run_dir, _ = tested_run
+    cache = str(tmp_path / 'cache')
+    first = Searcher.from_checkpoint(run_dir, toy_root, cache_dir=cache)
+    emb_file = os.path.join(first.cache_folder, 'video_emb.npy')
+    with open(emb_file, 'r+b') as f:                         # a torn write: half the file
+        f.truncate(os.path.getsize(emb_file) // 2)
+    logs = []
+    second = Searcher.from_checkpoint(run_dir, toy_root, cache_dir=cache, log=logs.append)
+    assert 'unreadable' in logs[0] and logs[1].startswith('gallery: encoding')
+    assert second.cache_folder == first.cache_folder and torch.equal(second.video_emb, first.video_emb)
+    assert sorted(os.listdir(cache)) == [os.path.basename(first.cache_folder)]     # old folder replaced, no strays
+    with open(emb_file, 'r+b') as f:
+        f.truncate(10)
+    before = folder_bytes(first.cache_folder)
+
+    def full_disk(*a, **k):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'save', full_disk)
+    third = Searcher.from_checkpoint(run_dir, toy_root, cache_dir=cache)
+    assert third.cache_folder is None and torch.equal(third.video_emb, first.video_emb)
+    assert sorted(os.listdir(cache)) == [os.path.basename(first.cache_folder)]     # no temporary folder left
+    assert folder_bytes(first.cache_folder) == before                              # the old folder untouched
+
+
 def test_faiss_flat_index_gives_the_exact_ranking(tested_run, toy_root, tmp_path):
     pytest.importorskip('faiss', reason='faiss-cpu is optional (requirements-optional.txt)')
     _, run_dir, _ = tested_run
@@ -197,32 +253,14 @@ def test_wrong_feature_size_is_one_line(tested_run, toy_root, tmp_path):
 
 # ============ end to end: .mp4 -> features -> training -> search ============
 
-def test_videos_to_search_results(tmp_path, capsys):
-    pytest.importorskip('av', reason='PyAV is optional (requirements-optional.txt): pip install av')
-    from util import extract_features
-    from util.make_demo_videos import COLOURS, COLLECTION, make_demo
-    root = str(tmp_path / 'demo')
-    demo = make_demo(root)
-    feature_dir = os.path.join(root, COLLECTION, 'FeatureData', 'tiny_clip')
-    extract_features.main(['--videos', demo['video_dir'], '--out', feature_dir, '--model', demo['clip_dir'],
-                           '--device', 'cpu', '--progress', '0'])
-    run = trainer.main(['--model', 'mlcmr', '--rootpath', root, '--collection', COLLECTION,
-                        '--visual_feature', 'tiny_clip', '--bert_name', demo['bert_dir'], '--frozen', 'finetune',
-                        '--masked_pooling', '1', '--text_mapping_layers', '0-32', '--visual_mapping_layers', '0-32',
-                        '--visual_rnn_size', '16', '--visual_kernel_num', '8', '--batch_size', '16',
-                        '--num_epochs', '15', '--learning_rate', '1e-3', '--max_violation', '--workers', '0',
-                        '--device', 'cpu', '--seed', '0', '--skip_test', '1', '--cv_name', 'demo'])
+def test_videos_to_search_results(demo_run, capsys):
+    from util.make_demo_videos import COLOURS, COLLECTION
     queries = [c[0] for c in COLOURS] + [c[1] for c in COLOURS]        # 'red', ..., '红色', ...
-    # the trainer's log handlers (stdout) outlive its main() in this process; search logs to stderr, and its
-    # progress lines must not land in the JSON on stdout
-    root_logger = logging.getLogger()
-    for handler in [h for h in root_logger.handlers if getattr(h, '_mlcmr', False)]:
-        root_logger.removeHandler(handler)
     capsys.readouterr()
-    search.main(['--checkpoint', run['run_dir'], '--rootpath', root, '--collection', COLLECTION, '--json',
-                 '-k', '1', '--device', 'cpu', *[a for q in queries for a in ('--query', q)]])
+    search.main(['--checkpoint', demo_run['run_dir'], '--rootpath', demo_run['root'], '--collection', COLLECTION,
+                 '--json', '-k', '1', '--device', 'cpu', *[a for q in queries for a in ('--query', q)]])
     out = json.loads(capsys.readouterr().out)
-    colour_of = {vid: c for vid, _, c in demo['videos']}
+    colour_of = {vid: c for vid, _, c in demo_run['videos']}
     top1 = [colour_of[r['hits'][0]['video_id']] for r in out]
     correct = sum(got == i % len(COLOURS) for i, got in enumerate(top1))
     # chance: 1 in 6 colours, i.e. 2 of 12 queries; a working pipeline gets most of them

@@ -18,7 +18,7 @@ with random weights built from a config dict. Sections:
          (median ms; target < 50 ms); DataLoader samples/s with 0 and 2 workers. The features were just written,
          so the page cache is warm: these are memory speeds, not disk speeds.
   train  samples/s of the trainer's step, basic/training.py train_step (to device -> forward -> the NRCCR
-         discriminator step -> training_loss -> backward -> clip -> step),
+         discriminator step -> training_loss -> backward -> clip -> step), for NRCCR, MLCMR and mclip,
          median step after warm-up, for NRCCR and MLCMR with a toy, a small and a bert-base-sized text encoder,
          in each precision of --amps (auto: fp32, plus bf16 where the device has it natively), side by side.
          CPU: batch 16; CUDA: the papers' batches (NRCCR 128, MLCMR 64), peak memory. MFU: the FLOPs of the
@@ -32,7 +32,10 @@ with random weights built from a config dict. Sections:
   image  util/bench/image.py: samples/s of the NRCCR image training step with cached CLIP features vs a CLIP
          forward per batch (ViT-B/32 and a bert-base-sized encoder; --quick: tiny ones), per device.
   search util/bench/search.py: gallery indexing (videos/s) and query latency, exact and FAISS (when installed),
+         for a checkpoint's model and for search with no training (zero_shot_* rows),
          10k and 100k videos (--quick: tiny), per device.
+  page   util/bench/page.py: the search page's query latency (p50 / p95) over loopback HTTP, one client and
+         8 concurrent clients, 10k videos, and the errors (must be 0), per device.
   epoch  util/bench/epoch.py: trainer.py in a process of its own for one epoch + validation on a synthetic
          collection (1024-d frames, a 768-wide 2-layer BERT), NRCCR and MLCMR side by side with the papers'
          settings, --amp off and auto, every other flag at its default (--compile auto included): process
@@ -69,6 +72,7 @@ from util.bench import epoch as bench_epoch                                 # no
 from util.bench import image as bench_image                                 # noqa: E402
 from util.bench import metrics as bench_metrics                               # noqa: E402
 from util.bench import search as bench_search                                # noqa: E402
+from util.bench import page as bench_page                                    # noqa: E402
 from basic import bucketing                                   # noqa: E402
 from basic import compiling                                   # noqa: E402
 from basic import data_provider as dp                         # noqa: E402
@@ -76,8 +80,9 @@ from basic import precision                                   # noqa: E402
 from util.make_toy_data import build_vocab                   # noqa: E402
 from basic.training import train_step                         # noqa: E402
 from basic.runs import git_state                              # noqa: E402
+from basic.errors import DataError                            # noqa: E402
 
-SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search', 'epoch', 'compile')
+SECTIONS = ('data', 'train', 'encode', 'eval', 'image', 'search', 'page', 'epoch', 'compile')
 DEFAULT_SECTIONS = SECTIONS[:-1]        # compile takes minutes per configuration: asked for by name
 CLS, SEP, MASK, FIRST_WORD = 101, 102, 103, 104              # mBERT special ids; word pieces start after them
 MBERT_VOCAB = 119547
@@ -93,10 +98,18 @@ ENCODERS = {
                       vocab_size=MBERT_VOCAB),
 }
 
+# The training-step section times these models (--train_models; --quick: NRCCR and MLCMR). mclip (docs/models.md,
+# 'Multilingual CLIP') runs with a transformers encoder of the section's sizes as its text tower (a config, no
+# download), a learned projection of the frames into CLIP's 512 dims and mean pooling: the compute of a fine-tuning
+# step on non-CLIP features.
+TRAIN_MODELS = ('nrccr', 'mlcmr', 'mclip')
+MCLIP_SETTINGS = dict(tower_format='encoder', video_projection=True, mapping_dim=512)
+
 # Sizes of a full run and of --quick. Steps: (warm-up, timed) training steps per configuration. The full run
 # keeps the papers' model sizes; --quick shrinks everything but the BERT, as tests/conftest.py does.
 FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch=128, gather_reads=500,
-            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), model_overrides={},
+            assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), train_models=TRAIN_MODELS,
+            model_overrides={'mclip': MCLIP_SETTINGS},
             cpu_train_batch=16,
             cpu_steps=(1, 3), cuda_steps=(3, 10), compile_encoders=tuple(ENCODERS),
             cpu_eval=((15_000, 1_500), (100_000, 10_000)), cuda_eval=bench_metrics.CUDA_SIZES,
@@ -104,10 +117,11 @@ FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch
             peak_n_cpu=2048, peak_n_cuda=8192, peak_reps=5, profile_encoder='small',
             encode_captions=15_000, encode_encoder='small')
 QUICK = dict(videos=48, frames=(6, 12), captions_per_video=4, dim=64, batch=8, gather_reads=20,
-             assembly_batches=3, loader_batches=3, encoders=('toy',),
+             assembly_batches=3, loader_batches=3, encoders=('toy',), train_models=('nrccr', 'mlcmr'),
              model_overrides={'nrccr': dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
                                             visual_num_attention=4, mapping_dim=48),
-                              'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48)},
+                              'mlcmr': dict(visual_rnn_size=16, visual_kernel_num=8, mapping_dim=48),
+                              'mclip': dict(MCLIP_SETTINGS, mapping_dim=48)},
              cpu_train_batch=4,
              cpu_steps=(1, 1), cuda_steps=(1, 2), compile_encoders=('toy',),
              cpu_eval=((300, 30), (1200, 120)), cuda_eval=((300, 30), (1200, 120)), one_thread_eval=(300, 30),
@@ -369,8 +383,9 @@ def _mfu_text(row, per='sample'):
 
 def trainable_layers(model_name, num_layers):
     """The reference fine-tuning policy scaled to `num_layers`: NRCCR trains the top 7 of 12 BERT layers
-    (layer.5..11), MLCMR the top 6 (layer.6..11); at 12 layers this is exactly the model default."""
-    top = round(len(models.MODELS[model_name].DEFAULTS['trainable_layers']) * num_layers / 12)
+    (layer.5..11), MLCMR the top 6 (layer.6..11); at 12 layers this is exactly the model default. (mclip
+    fine-tunes its whole tower and has no list.)"""
+    top = round(len(models.MODELS[model_name].DEFAULTS['trainable_layers'] or []) * num_layers / 12)
     return [f'layer.{i}' for i in range(num_layers - top, num_layers)]
 
 
@@ -399,11 +414,12 @@ def bench_train(data, sizes, device, amp, peaks, notes):
     a note and the others still run."""
     warmup, steps = sizes['cuda_steps'] if device.type == 'cuda' else sizes['cpu_steps']
     rows = []
-    for name in ('nrccr', 'mlcmr'):
+    for name in sizes['train_models']:
         batch_size = (models.MODELS[name].RUN_DEFAULTS['batch_size'] if device.type == 'cuda'
                       else sizes['cpu_train_batch'])
-        # a few distinct batches (padded lengths differ), cycled over the steps
-        batches = [data.batch(name, batch_size, seed=100 + i) for i in range(min(warmup + steps, 4))]
+        # a few distinct batches (padded lengths differ), cycled over the steps; mclip reads NRCCR's captions
+        batches = [data.batch(models.MODELS[name].CAPTIONS, batch_size, seed=100 + i)
+                   for i in range(min(warmup + steps, 4))]
         for encoder in sizes['encoders']:
             try:
                 row = _train_row(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), batches,
@@ -855,7 +871,7 @@ def _print_eval(r):
           f' {r["seconds"]:8.3f} s{target}{extra}', flush=True)
 
 
-# ============ image, search ============
+# ============ image, search, page ============
 
 def bench_search_rows(devices, quick, indexes):
     """util/bench/search.py rows of each device as dicts {device, name, value, unit, note}."""
@@ -863,8 +879,23 @@ def bench_search_rows(devices, quick, indexes):
     indexes = tuple(i.strip() for i in indexes.split(',') if i.strip())
     for device in devices:
         with num_threads(torch.get_num_threads()):       # bench_search may set threads; undone here
-            found = bench_search.run(quick=quick, device=device, indexes=indexes,
-                                     log=lambda line: print(f'  {line}', flush=True))
+            log = lambda line: print(f'  {line}', flush=True)     # noqa: E731
+            found = bench_search.run(quick=quick, device=device, indexes=indexes, log=log)
+            found += bench_search.run_zero_shot(quick=quick, device=device, indexes=indexes, log=log)
+        rows += [dict(device=str(device), name=n, value=v, unit=u, note=note) for n, v, u, note in found]
+    return rows
+
+
+def bench_page_rows(devices, quick):
+    """util/bench/page.py rows of each device as dicts {device, name, value, unit, note}."""
+    rows = []
+    for device in devices:
+        try:
+            with num_threads(torch.get_num_threads()):
+                found = bench_page.run(quick=quick, device=device, log=lambda line: print(f'  {line}', flush=True))
+        except DataError as e:                   # starlette / uvicorn not installed
+            print(f'  page: skipped ({e})', flush=True)
+            return rows
         rows += [dict(device=str(device), name=n, value=v, unit=u, note=note) for n, v, u, note in found]
     return rows
 
@@ -887,6 +918,8 @@ def get_args_parser():
     p.add_argument('--profile_rows', type=int, default=25, help='ops shown per profile table (default 25)')
     p.add_argument('--search_index', default='exact,faiss',
                    help='indexes of the search section (default exact,faiss; faiss is skipped when not installed)')
+    p.add_argument('--train_models', default=None,
+                   help=f'models of the train section (default {",".join(TRAIN_MODELS)}; --quick: nrccr,mlcmr)')
     p.add_argument('--compile_encoders', default=None,
                    help='text encoders of the compile section (default toy,small,bert-base; --quick: toy)')
     p.add_argument('--epoch_workers', type=int, default=2,
@@ -926,6 +959,12 @@ def main(argv=None):
         parser.error(f'--amps {args.amps}: expected auto or a comma-separated subset of off,fp16,bf16')
     devices = _devices(args.device, parser)
     sizes = QUICK if args.quick else FULL
+    if args.train_models:
+        names = tuple(n.strip() for n in args.train_models.split(',') if n.strip())
+        if not names or set(names) - set(TRAIN_MODELS):
+            parser.error(f'--train_models {args.train_models}: expected a comma-separated subset of '
+                         f'{",".join(TRAIN_MODELS)}')
+        sizes = dict(sizes, train_models=names)
     if args.compile_encoders:
         encoders = tuple(e.strip() for e in args.compile_encoders.split(',') if e.strip())
         if not encoders or set(encoders) - set(ENCODERS):
@@ -990,6 +1029,9 @@ def main(argv=None):
             if 'search' in sections:
                 print('search', flush=True)
                 report['search'] = bench_search_rows(devices, args.quick, args.search_index)
+            if 'page' in sections:
+                print('page', flush=True)
+                report['page'] = bench_page_rows(devices, args.quick)
             if 'compile' in sections:
                 print('compile', flush=True)
                 report['compile'] = []

@@ -1,21 +1,32 @@
-"""Draw `framework.png`: both models as built by `model.py`, labelled from the modules themselves.
+"""Draw `framework.png`: the three models as built by `model.py`, labelled from the modules themselves.
 
     python util/draw_framework.py                          # writes framework.png in the repo root
-    python util/draw_framework.py --out /tmp/fw.png --set nrccr.back_w=0.5 --set nrccr.l1_gama=0.1
+    python util/draw_framework.py --out /tmp/fw.png --set nrccr.back_w=0.5 --set mclip.temporal=transformer
 
-Both models are built from `model.model_config(name, **overrides)` on PyTorch's meta device (shapes only, no
-memory, no weights, no download), so the picture shows the paper-size defaults of `NRCCR.DEFAULTS` /
-`MLCMR.DEFAULTS`. Every dimension, head count, kernel size, trainable BERT layer and loss weight in the labels is
-read from the built modules or their config: change the code or pass `--set`, re-run, and the picture follows.
-The BERT geometry is `transformers.BertConfig()`'s default (12 layers, 768-d), which is also the geometry of
-bert-base-multilingual-cased; pass a `bert_config` key through `--set` to draw another one.
-matplotlib is not a project requirement; only this script needs it.
+Every model is built from `model.model_config(name, **overrides)`, so every dimension, head count, kernel size,
+trainable layer and loss weight in the labels is read from the built modules or their config: change the code
+or pass `--set`, re-run, and the picture follows.
+
+* NRCCR and MLCMR are built on PyTorch's meta device (shapes only, no memory, no weights, no download) with the
+  paper-size defaults of `NRCCR.DEFAULTS` / `MLCMR.DEFAULTS`. The BERT geometry is `transformers.BertConfig()`'s
+  default (12 layers, 768-d), which is also the geometry of bert-base-multilingual-cased; pass a `bert_config`
+  key through `--set` to draw another one.
+* mclip needs a text tower to load (nets/text_towers.py), and nothing may be downloaded: unless `--set
+  mclip.bert_name=FOLDER` names one, it is drawn with a tiny local stand-in written to a temporary folder, with
+  the module layout of the default tower (sentence-transformers/clip-ViT-B-32-multilingual-v1: Transformer ->
+  mean Pooling -> Dense to its CLIP's size, no bias, no activation) and declared aligned to that CLIP
+  (`KNOWN_ALIGNMENTS`); the frame features have that CLIP's size. Everything after the tower is the default's
+  size; the tower's own transformer is the stand-in's, and the picture says so.
+
+matplotlib and sentence-transformers (the stand-in's format) are needed by this script only.
 """
 import argparse
 import ast
+import math
 import os
 import re
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -25,11 +36,18 @@ import torch.nn as nn  # noqa: E402
 
 import model  # noqa: E402
 from nets import nrccr  # noqa: E402
+from nets import text_towers as towers  # noqa: E402
+from nets.common import quiet_transformers  # noqa: E402
 from basic import paths  # noqa: E402
 from basic.data_provider import FRAME_DROP_RATIO, MASK_RATIO  # noqa: E402
+from util.make_toy_data import write_tiny_bert  # noqa: E402
 
-MISSING_MATPLOTLIB = 'pip install matplotlib to redraw framework.png'
-FOOTER = 'drawn by util/draw_framework.py from the modules built by model.py (nets/)'
+NEEDED = (('matplotlib', 'matplotlib'), ('sentence_transformers', 'sentence-transformers'))   # (import, pip name)
+MISSING = 'pip install {} to redraw framework.png'
+PANELS = ('nrccr', 'mlcmr', 'mclip')
+# the stand-in text tower of mclip: the default tower's CLIP and size, a tiny transformer of its own
+STAND_IN_CLIP, STAND_IN_DIM = towers.KNOWN_ALIGNMENTS[towers.DEFAULT_TEXT_MODEL]
+STAND_IN_HIDDEN, STAND_IN_LAYERS = 32, 2
 
 
 # ============ models and the labels derived from them ============
@@ -44,6 +62,36 @@ def build_models(nrccr=None, mlcmr=None):
         with torch.device('meta'):
             models.append(model.build_model(model.model_config(name, **overrides)))
     return tuple(models)
+
+
+def write_stand_in_tower(folder):
+    """A tiny sentence-transformers folder with the default tower's layout (Transformer -> mean Pooling -> Dense
+    to STAND_IN_DIM, no bias, identity activation), declared aligned to STAND_IN_CLIP; returns its path."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    except ImportError:                     # older sentence-transformers
+        from sentence_transformers.models import Dense, Pooling, Transformer
+    quiet_transformers()
+    bert_dir, tower_dir = os.path.join(folder, 'bert'), os.path.join(folder, 'tower')
+    write_tiny_bert(bert_dir, hidden=STAND_IN_HIDDEN, layers=STAND_IN_LAYERS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layers = [Transformer(bert_dir), Pooling(STAND_IN_HIDDEN, 'mean'),
+                  Dense(STAND_IN_HIDDEN, STAND_IN_DIM, bias=False, activation_function=nn.Identity())]
+        SentenceTransformer(modules=layers, device='cpu').save(tower_dir)
+    towers.write_alignment(tower_dir, {'clip': STAND_IN_CLIP, 'dim': STAND_IN_DIM, 'fingerprint': None})
+    return tower_dir
+
+
+def build_mclip(overrides=None, stand_in=None):
+    """MCLIP (on the CPU: its tower is loaded) from its defaults updated with `overrides`; without a `bert_name`
+    there, with the stand-in tower folder `stand_in` and frame features of its CLIP's size."""
+    overrides = dict(overrides or {})
+    if 'bert_name' not in overrides:
+        overrides.update(bert_name=stand_in, visual_feat_dim=overrides.get('visual_feat_dim', STAND_IN_DIM))
+    with torch.random.fork_rng(devices=[]):          # the caller's random numbers stay as they were
+        return model.build_model(model.model_config('mclip', **overrides))
 
 
 def _io(a, b):
@@ -75,14 +123,15 @@ def _layer_chain(module):
     return [item if n == 1 else f'{n}× {item}' for n, item in out]
 
 
-def _trainable_bert(bert):
-    """'layers 5–11 trained' etc., from requires_grad of the BERT parameters (docs/models.md, 'BERT fine-tuning')."""
-    layers = sorted({int(m.group(1)) for n, p in bert.named_parameters()
-                     if p.requires_grad and (m := re.match(r'encoder\.layer\.(\d+)\.', n))})
-    n_layers = bert.config.num_hidden_layers
-    embeddings = any(p.requires_grad for n, p in bert.named_parameters() if n.startswith('embeddings.'))
-    if not layers and not embeddings:
-        return 'all frozen'
+def _trainable(encoder, n_layers):
+    """'layers 5–11 trained' etc., from requires_grad of the parameters of a transformer encoder with `n_layers`
+    layers, BERT or a text tower around one (docs/models.md, 'BERT fine-tuning')."""
+    layers = sorted({int(m.group(1)) for n, p in encoder.named_parameters()
+                     if p.requires_grad and (m := re.search(r'(?:^|\.)layers?\.(\d+)\.', n))})
+    embeddings = any(p.requires_grad for n, p in encoder.named_parameters()
+                     if re.search(r'(?:^|\.)embeddings\.', n))
+    if not layers:
+        return 'embeddings trained' if embeddings else 'all frozen'
     if embeddings and len(layers) == n_layers:
         return 'fully fine-tuned'
     if layers == list(range(layers[0], layers[-1] + 1)):
@@ -95,7 +144,12 @@ def _trainable_bert(bert):
 def _bert(bert, cfg):
     c = bert.config
     return dict(name=_wrap_name(cfg['bert_name']), layers=c.num_hidden_layers, hidden=c.hidden_size,
-                label=f'BERT {c.num_hidden_layers}×{c.hidden_size}\n{_trainable_bert(bert)}')
+                label=f'BERT {c.num_hidden_layers}×{c.hidden_size}\n{_trainable(bert, c.num_hidden_layers)}')
+
+
+def _source(m):
+    """The file that defines the class of module `m`: 'nets/nrccr.py'."""
+    return type(m).__module__.replace('.', '/') + '.py'
 
 
 def _wrap_name(name, width=18):
@@ -145,7 +199,7 @@ def describe_nrccr(m):
               (cfg['scale'], r'BCE(D($E_{tr}$), 1)', 'fool D')]
     pooling = _pooling(te.masked_pooling)
     return dict(
-        dims=dims, streams=streams, bert=_bert(te.bert, cfg), losses=losses,
+        dims=dims, streams=streams, bert=_bert(te.bert, cfg), losses=losses, name=m.name, file=_source(m),
         video_input=f'frame features\n(B, L, {dims["visual_feat_dim"]})',
         video_proj=(f'LinearLayer {_io(v_proj.in_features, v_proj.out_features)}\n'
                     f'+ PosEnc ({dims["video_pos"]} pos.)'),
@@ -196,7 +250,8 @@ def describe_mlcmr(m):
         losses.append(f'½[NCE({t}, {tb}) + NCE({tb}, {t})]')
     losses.append(r'½[NCE($v$, $\bar{v}$) + NCE($\bar{v}$, $v$)]')
     return dict(
-        dims=dims, streams=streams, bert=_bert(m.bert, cfg), levels=levels, losses=losses,
+        dims=dims, streams=streams, bert=_bert(m.bert, cfg), levels=levels, losses=losses, name=m.name,
+        file=_source(m),
         video_input=f'frames\n(B, L, {rnn.input_size})',
         video_aug_input=f'frame-dropped copy\n(drop {FRAME_DROP_RATIO:.0%} of frames)',
         text_aug=f'+ [MASK] copy ({MASK_RATIO:.0%} of tokens)',
@@ -210,10 +265,119 @@ def describe_mlcmr(m):
     )
 
 
-def describe_models(nrccr=None, mlcmr=None):
-    """{'nrccr': labels, 'mlcmr': labels} of both models built with the given config overrides."""
+def _st_module(mod):
+    """One module of a sentence-transformers model as a label: 'Transformer (bert 12×768)', 'mean Pooling', ..."""
+    kind = type(mod).__name__
+    if kind == 'Transformer':
+        c = (getattr(mod, 'auto_model', None) or mod.model).config
+        return f'Transformer ({c.model_type} {c.num_hidden_layers}×{c.hidden_size})'
+    if kind == 'Pooling':
+        mode = getattr(mod, 'pooling_mode', None) or mod.get_pooling_mode_str()     # older releases: the method
+        return ('+'.join(mode) if isinstance(mode, (list, tuple)) else mode) + ' Pooling'
+    if kind == 'Dense':
+        act = type(mod.activation_function).__name__
+        return f'Dense {_io(mod.in_features, mod.out_features)}' + ('' if act == 'Identity' else f' + {act}')
+    return kind
+
+
+def _tower(tower, fmt):
+    """The text tower of an MCLIP (nets/text_towers.py) as {'chain': [stage labels], 'layers', 'hidden', 'dim',
+    'trained', 'aligned_to'}, read from its modules."""
+    if fmt == towers.ST_FORMAT:
+        chain = [_st_module(mod) for mod in tower.st]
+        encoder = next(mod for mod in tower.st if type(mod).__name__ == 'Transformer')
+        c = (getattr(encoder, 'auto_model', None) or encoder.model).config
+    elif fmt == towers.CLIP_FORMAT:
+        c, proj = tower.text_model.config, tower.text_projection
+        chain = [f'CLIP text model {c.num_hidden_layers}×{c.hidden_size}', 'end-of-text state',
+                 f'projection {_io(proj.in_features, proj.out_features)}']
+    else:
+        c = tower.encoder.config
+        chain = [f'{c.model_type} {c.num_hidden_layers}×{c.hidden_size}', 'masked mean']
+    aligned = (tower.aligned_to or {}).get('clip')
+    return dict(chain=chain, layers=c.num_hidden_layers, hidden=c.hidden_size, dim=tower.dim,
+                trained=_trainable(tower, c.num_hidden_layers), aligned_to=aligned)
+
+
+def describe_mclip(m, stand_in=False):
+    """Labels and numbers of an MCLIP model (docs/models.md, 'Multilingual CLIP';
+    docs/losses.md, 'Multilingual CLIP objective'), read from its modules and config; `stand_in`: its tower is
+    this script's stand-in.
+
+    Keys: `dims`, `streams` (caption roles of its forward), `tower`, `losses` ([(weight, term, note, flag)]),
+    `temperature` (initial τ, learned, largest scale) and one label string per block of the drawing."""
+    cfg, tower, temporal = m.cfg, m.text_tower, m.temporal
+    vp, tp = m.video_projection, m.text_projection
+    fmt, t = cfg['tower_format'], _tower(tower, cfg['tower_format'])
+    joint = t['dim'] if tp is None else tp.out_features          # the space both sides are l2-normalised in
+    dims = dict(visual_feat_dim=cfg['visual_feat_dim'], joint_dim=joint, tower_dim=t['dim'],
+                tower_hidden=t['hidden'], tower_layers=t['layers'],
+                video_projection=None if vp is None else (vp.in_features, vp.out_features),
+                text_projection=None if tp is None else (tp.in_features, tp.out_features),
+                temporal_layers=len(temporal.blocks) if temporal else 0)
+    if temporal:
+        block = temporal.blocks[0]
+        dims.update(temporal_heads=block.attn.num_heads, temporal_mlp=block.mlp[0].out_features,
+                    temporal_positions=temporal.position.shape[0])
+        pooling = (f'Transformer ×{dims["temporal_layers"]}, {dims["temporal_heads"]} heads\n'
+                   f'MLP {joint}→{dims["temporal_mlp"]}→{joint}, {dims["temporal_positions"]} pos.\n'
+                   'starts as identity → masked mean')
+    else:
+        pooling = 'masked mean over the frames\n(--temporal transformer: blocks\nthat start as the mean)'
+    # the caption streams and the terms of MCLIP.forward / training_loss, each term with its config key
+    streams = [paths.ROLE_SRC, paths.ROLE_TR] + ([paths.ROLE_BT] if cfg['bt_w'] else [])
+    losses = [(1.0, r'NCE($c_{src}$, $v$)', '', None), (1.0, r'NCE($c_{tr}$, $v$)', '', None),
+              (cfg['c2kd_w'], r'C2KD($c_{tr}$ | $c_{src}$, $v$)', 'teacher detached', 'c2kd_w'),
+              (cfg['bt_w'], r'Tri($c_{src}$, $c_{bt}$)', 'back-transl.', 'bt_w'),
+              (cfg['feat_w'], r'SmoothL1($c_{tr}$, $c_{src}$)', f'β={cfg["smooth_l1_beta"]:g}', 'feat_w')]
+    tau0, learned = math.exp(-m.logit_scale.item()), m.logit_scale.requires_grad
+    name = f'tiny local stand-in for\n{towers.DEFAULT_TEXT_MODEL}' if stand_in else _wrap_name(cfg['bert_name'], 52)
+    tower_lines = [f'text tower ({fmt}), shared', name, '', ' → '.join(t['chain']), t['trained']]
+    if t['aligned_to']:
+        tower_lines.append(f'aligned to {t["aligned_to"]}')
+    if tp is not None:
+        text_proj = f'Linear {_io(tp.in_features, tp.out_features)}\nlearned: the encoder\nis aligned to no CLIP'
+    else:
+        text_proj = f'no projection:\nthe tower embeds into\nits CLIP\'s {t["dim"]}-d space'
+    whose = 'the tower\'s' if tp is None else 'a'        # an encoder tower learns to map into raw CLIP features
+    if vp is not None:
+        video_proj = (f'Linear {_io(vp.in_features, vp.out_features)} per frame (learned) → l2n\n'
+                      f'--video_projection: none when the features\nare {whose} CLIP\'s')
+    else:
+        video_proj = f'frames as they are → l2n\n(the features are {whose} CLIP\'s)'
+    notes = [r"NCE: CLIP's symmetric InfoNCE on logits $s\,t\,v^T$",
+             f'τ = 1/s: starts at {tau0:.3g}, {"learned" if learned else "fixed"}, s ≤ {cfg["max_logit_scale"]:g}']
+    if cfg['bt_w']:
+        notes.append(_tri_note(cfg))
+    return dict(
+        dims=dims, streams=streams, tower=t, losses=losses, name=m.name, file=_source(m),
+        tower_file=_source(tower),
+        temperature=dict(init=tau0, learned=learned, max_scale=cfg['max_logit_scale']),
+        video_input=f'frame features\n(B, L, {cfg["visual_feat_dim"]})',
+        video_proj=video_proj, temporal=pooling, video_out=f'l2n\n{joint}-d',
+        tower_label='\n'.join(tower_lines), text_proj=text_proj, text_out=f'l2n\n{joint}-d\nshared',
+        notes=notes,
+    )
+
+
+def describe_models(nrccr=None, mlcmr=None, mclip=None):
+    """{'nrccr': labels, 'mlcmr': labels, 'mclip': labels} of the models built with the given config overrides;
+    mclip with the stand-in tower unless its overrides name a `bert_name`."""
     a, b = build_models(nrccr, mlcmr)
-    return {'nrccr': describe_nrccr(a), 'mlcmr': describe_mlcmr(b)}
+    mclip = dict(mclip or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        stand_in = None if 'bert_name' in mclip else write_stand_in_tower(tmp)
+        c = build_mclip(mclip, stand_in)
+    return {'nrccr': describe_nrccr(a), 'mlcmr': describe_mlcmr(b),
+            'mclip': describe_mclip(c, stand_in=stand_in is not None)}
+
+
+def footer(desc, sets=()):
+    """The line under the picture: where each panel's model is built, and the overrides it was drawn with."""
+    where = ' · '.join(f'{desc[p]["name"]}: {desc[p]["file"]}' for p in PANELS)
+    text = (f'drawn by util/draw_framework.py from the models built by model.py — --model {where} '
+            f'(text towers: {desc["mclip"]["tower_file"]})')
+    return text + ('\nwith ' + ' '.join(f'--set {x}' for x in sets) if sets else '')
 
 
 # ============ drawing ============
@@ -275,14 +439,14 @@ def _emb(ax, y, text, kind):
     _link(ax, (X_EMB_END, y), (X_LOSS, y), color=MUTED)
 
 
-def _loss_box(ax, y0, y1, title, lines, notes):
-    """The objective: a title, one line per term, then smaller notes."""
+def _loss_box(ax, y0, y1, title, lines, notes, muted=()):
+    """The objective: a title, one line per term (the indices in `muted` greyed out), then smaller notes."""
     _box(ax, X_LOSS, y0, W_LOSS, y1 - y0, '', 'loss')
     x, y = X_LOSS + 0.15, y1 - 0.3
     ax.text(x, y, title, fontsize=10, weight='bold', color=PALETTE['loss'][1], va='center')
-    for line in lines:
+    for i, line in enumerate(lines):
         y -= 0.4
-        ax.text(x, y, line, fontsize=9.5, color=INK, va='center')
+        ax.text(x, y, line, fontsize=9.5, color=MUTED if i in muted else INK, va='center')
     for note in notes:
         y -= 0.36
         ax.text(x, y, note, fontsize=8, color=MUTED, va='center')
@@ -379,34 +543,86 @@ def _draw_mlcmr(ax, d):
     _loss_box(ax, 0.3, y_v + 0.4, 'Objective  L =', lines, [d['tri_note']])
 
 
-def draw(desc, out_path, footer=FOOTER):
-    """Render both panels of `desc` (from `describe_models`) into a 1600x1060 px PNG at `out_path`."""
+def _draw_mclip(ax, d):
+    ax.text(0.2, 4.5, 'mclip — multilingual CLIP: CLIP frame features, a multilingual CLIP text tower '
+            '(docs/models.md)', fontsize=13, weight='bold', color=INK, va='center')
+    y_v = 3.65
+    rows = dict(zip(d['streams'], (2.55, 1.75, 0.95) if len(d['streams']) > 2 else (2.4, 1.35)))
+    # video: frames -> (projection) -> l2n -> temporal pooling -> l2n
+    _box(ax, X_IN, y_v - 0.3, W_IN, 0.6, d['video_input'], 'input')
+    _box(ax, X_BERT, y_v - 0.37, X_PROJ + W_PROJ - X_BERT, 0.74, d['video_proj'], 'video', fontsize=8.5)
+    _box(ax, X_ATT, y_v - 0.37, W_ATT, 0.74, d['temporal'], 'video', fontsize=8)
+    _box(ax, X_MAP, y_v - 0.3, W_MAP, 0.6, d['video_out'], 'mapping')
+    _emb(ax, y_v, '$v$', 'video')
+    for a, b in ((X_IN + W_IN, X_BERT), (X_PROJ + W_PROJ, X_ATT), (X_ATT + W_ATT, X_MAP)):
+        _link(ax, (a, y_v), (b, y_v))
+    # text: one tower for every caption stream, (projection), l2n into the same space
+    ys = list(rows.values())
+    _tall(ax, X_BERT, X_PROJ + W_PROJ - X_BERT, ys, d['tower_label'], 'bert', pad=0.36, fontsize=8.5)
+    _tall(ax, X_ATT, W_ATT, ys, d['text_proj'], 'text', pad=0.36, fontsize=8.5)
+    _tall(ax, X_MAP, W_MAP, ys, d['text_out'], 'mapping', pad=0.36)
+    for role, y in rows.items():
+        _box(ax, X_IN, y - 0.27, W_IN, 0.54, STREAM_TEXT.get(role, role), 'input', fontsize=8.5)
+        for a, b in ((X_IN + W_IN, X_BERT), (X_PROJ + W_PROJ, X_ATT), (X_ATT + W_ATT, X_MAP)):
+            _link(ax, (a, y), (b, y))
+        _emb(ax, y, f'$c_{{{role}}}$', 'text')
+    lines, muted = [], []
+    for i, (w, term, note, key) in enumerate(d['losses']):
+        if w:
+            lines.append(f'{"+ " if i else "   "}{w:g} · {term}' + (f'   ({note})' if note else ''))
+        else:
+            lines.append(f'+ {term}   (off: --{key})')
+            muted.append(i)
+    _loss_box(ax, 0.5, y_v + 0.4, 'Objective  L =', lines, d['notes'], muted)
+
+
+PANEL_HEIGHTS = dict(top=10.6, mclip=4.8)     # NRCCR + MLCMR, then mclip, in figure units of 100 px
+
+
+def draw(desc, out_path, footer_text):
+    """Render the three panels of `desc` (from `describe_models`) into a 1600x1540 px PNG at `out_path`."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(16, 10.6), dpi=100, facecolor='white')
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, 16)
-    ax.set_ylim(0, 10.6)
-    ax.axis('off')
+    top, low = PANEL_HEIGHTS['top'], PANEL_HEIGHTS['mclip']
+    fig = plt.figure(figsize=(16, top + low), dpi=100, facecolor='white')
+    axes = []
+    for y0, height in ((low, top), (0, low)):           # one axes per band, each in units of 100 px
+        ax = fig.add_axes((0, y0 / (top + low), 1, height / (top + low)))
+        ax.set_xlim(0, 16)
+        ax.set_ylim(0, height)
+        ax.axis('off')
+        axes.append(ax)
+    ax, ax_mclip = axes
     _draw_nrccr(ax, desc['nrccr'])
     ax.plot([0.2, 15.85], [4.58, 4.58], color='#d1d5db', lw=1.0)
     _draw_mlcmr(ax, desc['mlcmr'])
-    ax.text(15.85, 0.1, footer, ha='right', va='center', fontsize=7.5, color=MUTED)
+    ax_mclip.plot([0.2, 15.85], [low - 0.02, low - 0.02], color='#d1d5db', lw=1.0)
+    _draw_mclip(ax_mclip, desc['mclip'])
+    ax_mclip.text(15.85, 0.06, footer_text, ha='right', va='bottom', fontsize=7.5, color=MUTED, linespacing=1.4)
     fig.savefig(out_path, dpi=100, facecolor='white')
     plt.close(fig)
 
 
 # ============ CLI ============
 
+def _importable(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def parse_overrides(items):
-    """['nrccr.back_w=0.5', ...] -> {'nrccr': {'back_w': 0.5}, 'mlcmr': {}}; values as Python literals."""
-    out = {'nrccr': {}, 'mlcmr': {}}
+    """['nrccr.back_w=0.5', ...] -> {'nrccr': {'back_w': 0.5}, 'mlcmr': {}, 'mclip': {}}; values as Python
+    literals, else strings."""
+    out = {name: {} for name in PANELS}
     for item in items:
         key, sep, value = item.partition('=')
         name, dot, field = key.partition('.')
         if not sep or not dot or name not in out:
-            raise SystemExit(f'--set {item}: expected MODEL.KEY=VALUE with MODEL nrccr or mlcmr, '
+            raise SystemExit(f'--set {item}: expected MODEL.KEY=VALUE with MODEL nrccr, mlcmr or mclip, '
                              'e.g. --set nrccr.back_w=0.5')
         try:
             out[name][field] = ast.literal_eval(value)
@@ -421,17 +637,16 @@ def main(argv=None):
     parser.add_argument('--set', action='append', default=[], metavar='MODEL.KEY=VALUE',
                         help='config override, repeatable, e.g. --set nrccr.disc_type=strong')
     args = parser.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print(MISSING_MATPLOTLIB)
+    missing = [pip for module, pip in NEEDED if not _importable(module)]
+    if missing:
+        print(MISSING.format(' '.join(missing)))
         return 1
     overrides = parse_overrides(args.set)
     try:
-        desc = describe_models(overrides['nrccr'], overrides['mlcmr'])
-    except (KeyError, ValueError) as e:     # unknown config key, unknown disc_type, ...
+        desc = describe_models(**overrides)
+    except (KeyError, ValueError) as e:     # unknown config key, unknown disc_type, a tower that does not load
         raise SystemExit(f'--set: {e.args[0]}') from None
-    draw(desc, args.out, FOOTER + (' with ' + ', '.join(args.set) if args.set else ''))
+    draw(desc, args.out, footer(desc, args.set))
     print(f'wrote {args.out}')
     return 0
 

@@ -119,16 +119,24 @@ def merge_chunks(out_dir):
     return added
 
 
-def check_info(out_dir, model_name, dim):
-    """Refuse to mix two models' features in one folder; record the model on first use."""
+def check_info(out_dir, model_name, dim, identity=None):
+    """Refuse to mix two models' features in one folder; record the model (and the CLIP's identity,
+    basic/clip_encoder.py `clip_identity`) on first use."""
     path = os.path.join(out_dir, INFO_FILE)
     info = {'model': model_name, 'dim': int(dim), 'embedding': 'CLIP image_embeds (projected, not normalised)'}
+    if identity is not None:
+        info['clip'] = identity
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        if (old.get('model'), old.get('dim')) != (info['model'], info['dim']):
+        same_weights = old.get('clip', identity) == identity
+        if (old.get('model'), old.get('dim')) != (info['model'], info['dim']) or not same_weights:
             raise DataError(f'{path}: this folder holds features of {old.get("model")} ({old.get("dim")}-d), not '
-                            f'{model_name} ({dim}-d); use another --out folder')
+                            f'{model_name} ({dim}-d){"" if same_weights else " (other weights)"}; use another --out '
+                            'folder')
+        if 'clip' not in old and identity is not None:        # recorded before identities were
+            with open(path, 'w') as f:
+                json.dump(dict(old, clip=identity), f, indent=1)
         return
     os.makedirs(out_dir, exist_ok=True)
     with open(path, 'w') as f:
@@ -206,7 +214,7 @@ def extract(images_dir, out_dir, model=DEFAULT_CLIP, batch_size=64, device='cpu'
     summary = dict(extracted=0, skipped_done=len(ids) - len(todo), unreadable=unreadable, missing=missing, rows=0)
     if todo:
         embedder = ClipImageEmbedder(model, device=device)
-        check_info(out_dir, model, embedder.dim)
+        check_info(out_dir, model, embedder.dim, embedder.identity)
         dataset = _ImageFiles([images[i] for i in todo], embedder.processor)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                              collate_fn=_collate, shuffle=False)

@@ -7,13 +7,18 @@ writes (nothing is downloaded; needs PyAV, `pip install av`)
     demo/video_colours.txt              video id, split and colour of each video (to check search results)
     demo/colours/TextData/*.caption.txt captions naming the colour in English and Chinese, in the naming of
                                         docs/data.md ('Captions'): train / val / test splits, for NRCCR and MLCMR
-    demo/tiny_clip/                     a tiny random CLIP vision model (basic/clip_encoder.save_tiny_clip)
+    demo/tiny_clip/                     a tiny random CLIP (basic/clip_encoder.save_tiny_clip)
     demo/tiny_bert/                     the tiny random BERT of the toy collection (its vocabulary holds the colours)
+    demo/tiny_mclip/                    a tiny sentence-transformers text model aligned to the tiny CLIP (the
+                                        tiny BERT + mean pooling + Dense, a few optimiser steps pulling each colour's
+                                        captions onto the tiny-CLIP embedding of frames of that colour), for search
+                                        with no training; only when sentence-transformers is installed
 
 The colours are six of the toy lexicon (util/make_toy_data.py); each colour has `--per_colour` videos, split
 into train (all but two), val (one) and test (one). docs/search.md walks from here to ranked search results.
 """
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -28,23 +33,96 @@ ZH_TEMPLATES = ('{c}', '{c}的', '一片{c}', '全是{c}')
 COLLECTION = 'colours'
 
 
-def write_video(path, rgb, seconds=3.0, fps=8, size=48, seed=0):
-    """An mpeg4 .mp4 of a solid `rgb` background with a small grey square moving across it."""
+def video_codec():
+    """H.264 where PyAV's FFmpeg has an encoder for it (browsers play it: the search page), else MPEG-4 part 2."""
+    import av
+    return next((c for c in ('libx264', 'h264') if c in av.codecs_available), 'mpeg4')
+
+
+def write_video(path, rgb, seconds=3.0, fps=8, size=48, seed=0, rgb_after=None):
+    """An .mp4 of a solid `rgb` background (`rgb_after` from half-way on, when given) with a small grey square
+    moving across it; H.264 with the index at the front (a browser can start playing at once) where available."""
     import av
     rng = np.random.default_rng(seed)
     grey, y0, speed = int(rng.integers(90, 170)), int(rng.integers(0, size - 12)), int(rng.integers(1, 4))
-    with av.open(path, mode='w') as container:
-        stream = container.add_stream('mpeg4', rate=fps)
+    frames = int(seconds * fps)
+    with av.open(path, mode='w', options={'movflags': '+faststart'}) as container:
+        stream = container.add_stream(video_codec(), rate=fps)
         stream.width, stream.height, stream.pix_fmt = size, size, 'yuv420p'
-        for i in range(int(seconds * fps)):
+        for i in range(frames):
             img = np.empty((size, size, 3), np.uint8)
-            img[:] = rgb
+            img[:] = rgb if rgb_after is None or i < frames // 2 else rgb_after
             x = (i * speed) % (size - 10)
             img[y0:y0 + 10, x:x + 10] = grey
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format='rgb24')):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def colour_frames(rgb, n=6, size=48, seed=0):
+    """PIL frames as write_video draws them (solid `rgb`, a grey square at random places), without the codec."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = rgb
+        y, x, grey = (int(v) for v in (rng.integers(0, size - 10), rng.integers(0, size - 10), rng.integers(90, 170)))
+        img[y:y + 10, x:x + 10] = grey
+        frames.append(Image.fromarray(img))
+    return frames
+
+
+def write_aligned_text_model(folder, clip_dir, bert_dir, steps=200, lr=1e-3, seed=0):
+    """A tiny sentence-transformers text model aligned to the tiny CLIP of `clip_dir`, written to `folder`.
+
+    Built with sentence-transformers' own modules (Transformer over the tiny BERT, mean Pooling, Dense into the
+    CLIP's projection size), then `steps` Adam steps on the captions of every colour in English and Chinese (the
+    caption templates of the demo): a caption's cosine with the mean l2-normalised tiny-CLIP embedding of frames
+    of each colour, times 20, is the logit of a six-way cross-entropy whose label is its colour. The folder
+    records the CLIP it is aligned to (aligned_clip.json, nets/text_towers.py)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from basic.clip_encoder import ClipImageEmbedder
+    from nets.text_towers import write_alignment
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    except ImportError:                               # sentence-transformers < 6
+        from sentence_transformers.models import Dense, Pooling, Transformer
+    embedder = ClipImageEmbedder(clip_dir)
+    targets = []
+    for i, (_, _, rgb) in enumerate(COLOURS):
+        e = torch.from_numpy(embedder.embed(colour_frames(rgb, seed=[seed, i])))
+        targets.append(torch.nn.functional.normalize(torch.nn.functional.normalize(e, dim=1).mean(0), dim=0))
+    targets = torch.stack(targets)                                         # (6, D)
+    texts, labels = [], []
+    for c, (en, zh, _) in enumerate(COLOURS):
+        for template in EN_TEMPLATES + ZH_TEMPLATES:
+            texts.append(template.format(c=en if template in EN_TEMPLATES else zh))
+            labels.append(c)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = Transformer(bert_dir, max_seq_length=32)
+        dim = transformer.get_embedding_dimension() if hasattr(transformer, 'get_embedding_dimension') \
+            else transformer.get_word_embedding_dimension()
+        model = SentenceTransformer(modules=[transformer, Pooling(dim, 'mean'),
+                                             Dense(dim, embedder.dim, activation_function=torch.nn.Identity())],
+                                    device='cpu')
+        features = model.preprocess(texts) if hasattr(model, 'preprocess') else model.tokenize(texts)
+        target = torch.tensor(labels)
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(steps):
+            emb = torch.nn.functional.normalize(model(dict(features))['sentence_embedding'], dim=1)
+            loss = torch.nn.functional.cross_entropy(20.0 * emb @ targets.T, target)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    model.eval()
+    model.save(folder)
+    write_alignment(folder, embedder.identity)
+    return folder
 
 
 def plan(per_colour=8, seed=0):
@@ -105,8 +183,13 @@ def make_demo(root, per_colour=8, seconds=3.0, fps=8, size=48, seed=0, collectio
         save_tiny_clip(clip_dir, seed=seed)
     if not os.path.exists(os.path.join(bert_dir, 'config.json')):
         write_tiny_bert(bert_dir, seed=seed, hidden=32, layers=4)
+    text_model_dir = os.path.join(root, 'tiny_mclip')
+    if importlib.util.find_spec('sentence_transformers') is None:
+        text_model_dir = None
+    elif not os.path.exists(os.path.join(text_model_dir, 'modules.json')):
+        write_aligned_text_model(text_model_dir, clip_dir, bert_dir, seed=seed)
     return {'video_dir': video_dir, 'text_dir': text_dir, 'clip_dir': clip_dir, 'bert_dir': bert_dir,
-            'collection_dir': os.path.join(root, collection), 'videos': videos}
+            'text_model_dir': text_model_dir, 'collection_dir': os.path.join(root, collection), 'videos': videos}
 
 
 def main(argv=None):
@@ -118,7 +201,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = make_demo(args.root, args.per_colour, args.seconds, seed=args.seed)
     print(f'{len(out["videos"])} videos in {out["video_dir"]}, captions in {out["text_dir"]}, '
-          f'tiny CLIP {out["clip_dir"]}, tiny BERT {out["bert_dir"]}')
+          f'tiny CLIP {out["clip_dir"]}, tiny BERT {out["bert_dir"]}, '
+          + (f'tiny multilingual CLIP text model {out["text_model_dir"]}' if out['text_model_dir'] else
+             'no tiny text model for search with no training (pip install sentence-transformers)'))
     return out
 
 

@@ -1,9 +1,15 @@
-"""Text-to-video search with a trained checkpoint: the Python API behind search.py (docs/search.md).
+"""Text-to-video search with a trained checkpoint, or with no training from a multilingual CLIP text model: the
+Python API behind search.py (docs/search.md).
 
     from util.searcher import Searcher
     s = Searcher.from_checkpoint('RUN_DIR', '~/VisualSearch', 'mine', 'clip_b32')
+    s = Searcher.zero_shot('sentence-transformers/clip-ViT-B-32-multilingual-v1', '~/VisualSearch', 'mine', 'clip_b32')
     for result in s.search(['一只狗在冲浪', 'a dog surfing'], k=10):
         print(result.query, [(h.rank, h.video_id, h.score) for h in result.hits])
+
+Zero-shot (`Searcher.zero_shot`): the model is the untrained multilingual CLIP model (nets/mclip.py), built from
+the text model alone; everything below applies to it as to a checkpoint, with the gallery cache in
+`<feature folder>/search_cache/` and the text model's identity (hub id, or its folder's files) in the key.
 
 Gallery. Every video of a feature folder (video2frames order), or with `split=` the videos of that split's
 caption files, in the order the tester reads them. It is encoded once with the checkpoint
@@ -60,6 +66,12 @@ ones in the 7th digit), others (e.g. 'IVF1024,Flat', 'HNSW32') are approximate a
 videos. With a second text FAISS fetches `candidates` videos per text and fuses exactly on their union, with
 the min-max ranges taken over the candidates (an approximation of the full-matrix ranges).
 
+Moments and time ranges. With `moments=(window, stride)` the gallery is the windows of the videos
+(basic/media.py: windows of consecutive frames, from the frame times util/extract_features.py records), one
+row per window, each encoded as a short video by the same model and path (GallerySource.encode) and cached
+under its own key; a Hit then names the window's video, start and end seconds. Whole-video hits carry the
+video's time range when the frame times are known, None otherwise (imported features).
+
 Speed (util/bench/search.py, docs/search.md 'Large galleries'): `encode` runs under torch.inference_mode in
 one batch per call; `amp` ('bf16' / 'fp16') autocasts the text encoder only when asked (scores change
 slightly; the gallery is always encoded in float32).
@@ -68,6 +80,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -75,7 +88,7 @@ import torch
 
 import evaluation
 import model as models
-from basic import paths
+from basic import media, paths
 from basic.captions import clean_english
 from basic.errors import DataError
 from basic import data_provider as dp
@@ -97,6 +110,8 @@ class Hit:
     rank: int             # 1-based
     video_id: str
     score: float
+    start: object = None  # seconds of the matched video or window (None: unknown, e.g. imported features)
+    end: object = None    # None: unknown, or to the end of the file
 
 
 @dataclass
@@ -136,6 +151,21 @@ def file_identity(path):
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
+def folder_identity(name):
+    """A model's identity for cache keys: a hub id as it is; a folder as the identities of its files."""
+    if not os.path.isdir(name):
+        return name
+    return [file_identity(os.path.join(d, f)) for d, _, files in sorted(os.walk(name)) for f in sorted(files)]
+
+
+def _feature_dir(rootpath, data_cfg, who):
+    collection, feature = data_cfg['collection'], data_cfg['visual_feature']
+    if not (rootpath and collection and feature):
+        raise DataError(f'give feature_dir, or rootpath, collection and feature ({who} names '
+                        f'collection={collection!r}, feature={feature!r})')
+    return paths.feature_dir(rootpath, collection, feature)
+
+
 def prepare_text(text, rule):
     if rule == 'en' or (rule == 'auto' and text.isascii()):
         return clean_english(text)
@@ -157,37 +187,112 @@ def _cache_key(meta):
 
 
 def load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers=0,
-                           frame_sampling='first', log=logger.info):
-    """(video embeddings [N, D] CPU float32, cache folder or None): from the cache when its key matches."""
+                           frame_sampling='first', log=logger.info, dataset=None, what='videos'):
+    """(video embeddings [N, D] CPU float32, cache folder or None): from the cache when its key matches and its
+    files read back whole, else encoded (and cached; a failed encoding or write leaves the cache as it was).
+    `dataset`: the items to encode (default the videos `video_ids` of `store`; Moments: their windows, one row
+    per item, `video_ids` then names each row's video)."""
     folder = os.path.join(cache_dir, _cache_key(meta)) if cache_dir else None
     if folder and os.path.isfile(os.path.join(folder, 'video_emb.npy')):
-        emb = np.load(os.path.join(folder, 'video_emb.npy'))
-        with open(os.path.join(folder, 'video_ids.txt'), encoding='latin-1') as f:
-            cached_ids = f.read().split('\n')[:-1]
-        if cached_ids == list(video_ids) and len(emb) == len(video_ids):
-            log(f'gallery: {len(video_ids)} videos from the cache {folder}')
+        emb = read_cached_gallery(folder, video_ids, log)
+        if emb is not None:
+            log(f'gallery: {len(video_ids)} {what} from the cache {folder}')
             return torch.from_numpy(emb), folder
-    log(f'gallery: encoding {len(video_ids)} videos')
-    dataset = dp.VideoDataset(video_ids, store, frame_sampling=frame_sampling)
+    log(f'gallery: encoding {len(video_ids)} {what}')
+    if dataset is None:
+        dataset = dp.VideoDataset(video_ids, store, frame_sampling=frame_sampling)
     emb = evaluation.encode_videos(model, dataset, batch_size, device, workers)
     if folder:
         try:
-            tmp = f'{folder}.tmp{os.getpid()}'
-            os.makedirs(tmp, exist_ok=True)
-            np.save(os.path.join(tmp, 'video_emb.npy'), emb.numpy().astype(np.float32))
-            with open(os.path.join(tmp, 'video_ids.txt'), 'w', encoding='latin-1') as f:
-                f.write(''.join(f'{v}\n' for v in video_ids))
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-                json.dump(meta, f, indent=2)
-            if os.path.isdir(folder):               # a stale partial folder (ids changed): replace it
-                import shutil
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            write_cached_gallery(folder, emb, video_ids, meta)
             log(f'gallery cached in {folder}')
         except OSError as e:
             logger.warning('could not write the gallery cache %s (%s); continuing without it', folder, e)
             folder = None
     return emb, folder
+
+
+def read_cached_gallery(folder, video_ids, log):
+    """The cached embeddings of `video_ids`, or None when the folder's files are unreadable (truncated, torn)
+    or hold other videos: a miss, encoded again."""
+    try:
+        emb = np.load(os.path.join(folder, 'video_emb.npy'))
+        with open(os.path.join(folder, 'video_ids.txt'), encoding='latin-1') as f:
+            cached_ids = f.read().split('\n')[:-1]
+    except (OSError, ValueError, EOFError) as e:
+        log(f'gallery cache {folder} unreadable ({type(e).__name__}): encoding again')
+        return None
+    if cached_ids != list(video_ids) or emb.ndim != 2 or len(emb) != len(video_ids):
+        return None
+    return emb
+
+
+def write_cached_gallery(folder, emb, video_ids, meta):
+    """Write the cache folder whole in a temporary folder, then move it into place; a folder already there
+    (unreadable, or of other videos) is moved away first and deleted only once the new one is in place. A
+    failed write removes its temporary folder and leaves `folder` as it was."""
+    tmp = f'{folder}.tmp{os.getpid()}'
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        np.save(os.path.join(tmp, 'video_emb.npy'), emb.numpy().astype(np.float32))
+        with open(os.path.join(tmp, 'video_ids.txt'), 'w', encoding='latin-1') as f:
+            f.write(''.join(f'{v}\n' for v in video_ids))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=2)
+        old = None
+        if os.path.isdir(folder):
+            old = f'{folder}.old{os.getpid()}'
+            os.replace(folder, old)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                os.replace(old, folder)
+                raise
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ============ what a gallery is encoded from: videos, or windows of them (moments) ============
+
+@dataclass
+class GallerySource:
+    """The videos of a frame store and how to encode them; kept by the Searcher, so that the same model can also
+    search the windows of the same videos (Searcher.for_moments)."""
+    store: object             # data_provider.FrameStore
+    video_ids: list
+    meta: dict                # identity of checkpoint, features, gallery and encoding: the cache key
+    cache_dir: object         # None: no cache
+    batch_size: int
+    workers: int = 0
+    frame_sampling: str = 'first'
+
+    def encode(self, model, device, moments=None, log=logger.info):
+        """(row video ids, embeddings [N, D] float32, spans [(start, end)] or None, cache folder): one row per
+        video, or with moments=(window, stride) seconds one per window (basic/media.py), each window encoded as
+        a short video by the same path. Spans come from the extractor's frame times (None without them)."""
+        times = media.load_frame_times(self.store.path, self.store.video2frames)
+        if moments is None:
+            emb, folder = load_or_encode_gallery(model, self.store, self.video_ids, self.meta, self.cache_dir,
+                                                 self.batch_size, device, self.workers, self.frame_sampling, log)
+            spans = None if times is None else [media.video_span(times[v]) if v in times else (None, None)
+                                                for v in self.video_ids]
+            return self.video_ids, emb, spans, folder
+        windows = media.make_windows(self.video_ids, times, *moments, source=self.store.path)
+        meta = dict(self.meta, moments=list(moments),
+                    frame_times=file_identity(os.path.join(self.store.path, media.FRAME_TIMES)))
+        ids = [w.video_id for w in windows]
+        dataset = dp.VideoDataset(range(len(windows)), media.WindowFrames(self.store, windows),
+                                  frame_sampling=self.frame_sampling)
+        log(f'moments: {len(windows)} windows of {moments[0]:g} s, stride {moments[1]:g} s, in '
+            f'{len(self.video_ids)} videos')
+        emb, folder = load_or_encode_gallery(model, self.store, ids, meta, self.cache_dir, self.batch_size, device,
+                                             self.workers, self.frame_sampling, log, dataset=dataset, what='windows')
+        return ids, emb, [(w.start, w.end) for w in windows], folder
 
 
 # ============ exact scores: dense float64, or a two-stage search for large galleries ============
@@ -316,7 +421,7 @@ class Searcher:
 
     def __init__(self, model, tokenizer, video_ids, video_emb, device='cpu', batch_size=64, weight=0.2,
                  clean='raw', index='exact', faiss_index='Flat', cache_folder=None, block=BLOCK, candidates=1000,
-                 scoring='auto', prefilter='auto', amp='off'):
+                 scoring='auto', prefilter='auto', amp='off', spans=None):
         if clean not in CLEAN_RULES:
             raise ValueError(f'clean must be one of {CLEAN_RULES}, got {clean!r}')
         if index not in ('exact', 'faiss'):
@@ -326,6 +431,7 @@ class Searcher:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = torch.device(device)
         self.video_ids = list(video_ids)
+        self.spans = None if spans is None else list(spans)             # [(start, end)] seconds per row
         self.video_emb = torch.as_tensor(video_emb).float().cpu()      # the model's output, as cached
         n, d = self.video_emb.shape
         self.batch_size, self.weight, self.clean = batch_size, weight, clean
@@ -368,68 +474,114 @@ class Searcher:
     def from_checkpoint(cls, checkpoint, rootpath=None, collection=None, feature=None, *, feature_dir=None,
                         split=None, bert_name=None, device='cpu', batch_size=None, workers=0, cache=True,
                         cache_dir=None, index='exact', faiss_index='Flat', weight=None, clean='raw',
-                        scoring='auto', prefilter='auto', amp='off', log=None):
+                        scoring='auto', prefilter='auto', amp='off', moments=None, log=None):
         """A Searcher over the videos of a feature folder (or of a split) for the checkpoint of a run.
 
         checkpoint: file, run folder, or a folder with exactly one model_best.pth.tar below. rootpath /
         collection / feature default to the run's (the feature folder is <rootpath>/<collection>/FeatureData/
         <feature>); feature_dir overrides the three. split: gallery = the videos of that split's caption files,
         read with the checkpoint's data config as the tester reads them. cache_dir: where gallery caches go
-        (default <checkpoint folder>/search_cache); cache=False: none."""
-        log = log or logger.info
+        (default <checkpoint folder>/search_cache); cache=False: none. moments=(window, stride) seconds: the
+        gallery is the windows of those videos (docs/search.md, 'Moments')."""
         path = resolve_checkpoint(checkpoint)
         model, train_args = models.load_model(path, bert_name)
-        device = torch.device(device)
-        model.to(device).eval()
         data_cfg = dp.checkpoint_data_config(path, train_args)
         for key, value in (('collection', collection), ('visual_feature', feature), ('bert_name', bert_name)):
             if value is not None:
                 data_cfg[key] = value
-        collection, feature = data_cfg['collection'], data_cfg['visual_feature']
         rootpath = os.path.expanduser(rootpath or train_args.get('rootpath') or os.path.join('~', 'VisualSearch'))
-        if feature_dir is None:
-            if not (rootpath and collection and feature):
-                raise DataError('give feature_dir, or rootpath, collection and feature (the checkpoint names '
-                                f'collection={collection!r}, feature={feature!r})')
-            feature_dir = paths.feature_dir(rootpath, collection, feature)
+        feature_dir = feature_dir or _feature_dir(rootpath, data_cfg, 'the checkpoint')
         store = dp.FrameStore(feature_dir)
         if store.dim != model.cfg['visual_feat_dim']:
             raise DataError(f'{feature_dir}: features have {store.dim} dims but the checkpoint {path} expects '
                             f'{model.cfg["visual_feat_dim"]}; use features made like its training features')
-        tokenizer = dp.build_tokenizer(data_cfg['bert_name'], data_cfg['tokenizer_lower_case'])
-        is_mlcmr = data_cfg['model'] == 'mlcmr'
-        batch_size = batch_size or models.MODELS[data_cfg['model']].RUN_DEFAULTS['test_batch_size']
-        frame_sampling = data_cfg['frame_sampling']
+        cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), CACHE_DIR_NAME)
+        searcher = cls._over_gallery(model, data_cfg, rootpath, store, {'checkpoint': file_identity(path)}, split,
+                                     device, batch_size, workers, cache_dir if cache else None, moments, log,
+                                     weight=weight, clean=clean, index=index, faiss_index=faiss_index,
+                                     scoring=scoring, prefilter=prefilter, amp=amp)
+        searcher.checkpoint = path
+        return searcher
 
+    @classmethod
+    def zero_shot(cls, text_model, rootpath=None, collection=None, feature=None, *, feature_dir=None, split=None,
+                  data_type='google_enc2zh', frame_sampling='uniform', device='cpu', batch_size=None, workers=0,
+                  cache=True, cache_dir=None, index='exact', faiss_index='Flat', weight=None, clean='raw',
+                  scoring='auto', prefilter='auto', amp='off', moments=None, log=None):
+        """A Searcher with no training (docs/search.md, 'No training: multilingual CLIP'): a video is the mean of its
+        l2-normalised CLIP frame embeddings, a query the embedding of `text_model` (a multilingual
+        sentence-transformers CLIP text model, e.g. sentence-transformers/clip-ViT-B-32-multilingual-v1, or a CLIP
+        model for English), the score their cosine: the untrained multilingual CLIP model (model.zero_shot_model).
+
+        The feature folder is feature_dir, or <rootpath>/<collection>/FeatureData/<feature>; its features must
+        come from the CLIP the text model is aligned to (one-line error otherwise). split: gallery = the videos of
+        that split's caption files (NRCCR naming, `data_type`). Videos over 64 frames are read as 64 spread over the
+        video (`frame_sampling`). cache_dir: default <feature folder>/search_cache; the key covers the text model.
+        moments: as for a checkpoint."""
+        rootpath = os.path.expanduser(rootpath or os.path.join('~', 'VisualSearch'))
+        data_cfg = dp.data_config(model=models.ZERO_SHOT.CAPTIONS, collection=collection, visual_feature=feature,
+                                  data_type=data_type, bert_name=text_model, frame_sampling=frame_sampling)
+        feature_dir = feature_dir or _feature_dir(rootpath, data_cfg, 'zero-shot search')
+        store = dp.FrameStore(feature_dir)
+        model = models.zero_shot_model(text_model, feature_dir, store.dim)
+        cache_dir = cache_dir or os.path.join(feature_dir, CACHE_DIR_NAME)
+        searcher = cls._over_gallery(model, data_cfg, rootpath, store, {'text_model': folder_identity(text_model)},
+                                     split, device, batch_size, workers, cache_dir if cache else None, moments, log,
+                                     weight=weight, clean=clean, index=index, faiss_index=faiss_index,
+                                     scoring=scoring, prefilter=prefilter, amp=amp)
+        searcher.text_model = text_model
+        return searcher
+
+    @classmethod
+    def _over_gallery(cls, model, data_cfg, rootpath, store, identity, split, device, batch_size, workers,
+                      cache_dir, moments, log, weight=None, **settings):
+        """What both constructors share: the tokenizer (the model class's), the gallery (all videos of the store,
+        or a split's), its GallerySource (the cache key: `identity` of what made the model, the gallery, features,
+        batch size, frame sampling) and the Searcher over it (`over`)."""
+        log = log or logger.info
+        device = torch.device(device)
+        model.to(device).eval()
+        model_class = type(model)
+        tokenizer = model_class.build_tokenizer(data_cfg)
+        batch_size = batch_size or model_class.RUN_DEFAULTS['test_batch_size']
+        frame_sampling = data_cfg['frame_sampling']
         if split:
-            if not (rootpath and collection):
+            if not (rootpath and data_cfg['collection']):
                 raise DataError(f'split={split!r} needs rootpath and collection')
-            target = data_cfg['target_language'] if is_mlcmr else None
-            table = dp.eval_table(rootpath, data_cfg, split, tokenizer, purpose='test', target_language=target)
+            table = dp.eval_table(rootpath, data_cfg, split, tokenizer, purpose='test',
+                                  target_language=dp.target_language(data_cfg))
             video_ids = table.videos
             store.check_videos(video_ids, table.files[paths.ROLE_PRIMARY])
             gallery = {'split': split, 'captions': file_identity(table.files[paths.ROLE_PRIMARY])}
         else:
             video_ids = list(store.video2frames)
-            store.check_videos(video_ids, os.path.join(feature_dir, 'video2frames.txt'))
+            store.check_videos(video_ids, os.path.join(store.path, 'video2frames.txt'))
             gallery = 'all'
-        meta = {'checkpoint': file_identity(path), 'gallery': gallery, 'batch_size': batch_size,
-                'frame_sampling': frame_sampling,
-                'features': [file_identity(os.path.join(feature_dir, n))
-                             for n in ('feature.bin', 'id.txt', 'video2frames.txt')]}
-        if cache:
-            cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(path)), CACHE_DIR_NAME)
-        else:
-            cache_dir = None
-        emb, folder = load_or_encode_gallery(model, store, video_ids, meta, cache_dir, batch_size, device, workers,
-                                             frame_sampling, log)
+        meta = dict(identity, gallery=gallery, batch_size=batch_size, frame_sampling=frame_sampling,
+                    features=[file_identity(os.path.join(store.path, n))
+                              for n in ('feature.bin', 'id.txt', 'video2frames.txt')])
+        source = GallerySource(store, video_ids, meta, cache_dir, batch_size, workers, frame_sampling)
         weight = default_weight(model, data_cfg) if weight is None else weight
-        if split and scoring == 'auto':
-            scoring = 'dense'            # a split's gallery: the tester's arithmetic, bit for bit
-        searcher = cls(model, tokenizer, video_ids, emb, device, batch_size, weight, clean, index, faiss_index, folder,
-                       scoring=scoring, prefilter=prefilter, amp=amp)
-        searcher.checkpoint, searcher.feature_dir, searcher.cache_folder = path, feature_dir, folder
+        if split and settings.get('scoring', 'auto') == 'auto':
+            settings['scoring'] = 'dense'            # a split's gallery: the tester's arithmetic, bit for bit
+        searcher = cls.over(model, tokenizer, source, moments, device, log, weight=weight, **settings)
+        searcher.feature_dir = store.path
         return searcher
+
+    @classmethod
+    def over(cls, model, tokenizer, source, moments=None, device='cpu', log=None, **settings):
+        """A Searcher of `model` over the videos of `source` (a GallerySource), or with moments=(window, stride)
+        over their windows; `settings`: the constructor's weight, clean, index, ... ."""
+        ids, emb, spans, folder = source.encode(model, device, moments, log or logger.info)
+        searcher = cls(model, tokenizer, ids, emb, device, source.batch_size, cache_folder=folder, spans=spans,
+                       **settings)
+        searcher.source, searcher.settings, searcher.moments, searcher.cache_folder = source, settings, moments, folder
+        return searcher
+
+    def for_moments(self, moments, log=None):
+        """The same model and settings over the windows (moments=(window, stride) seconds) of this searcher's
+        videos; the model is shared, not loaded again."""
+        return type(self).over(self.model, self.tokenizer, self.source, moments, self.device, log, **self.settings)
 
     # ---- encoding ----
     @torch.inference_mode()
@@ -496,6 +648,8 @@ class Searcher:
     # ---- search ----
     def search(self, queries, k=10, second=None, weight=None, clean=None):
         """[Result] per query: the k best videos (rank, video id, score), best first."""
+        if int(k) < 1:
+            raise ValueError(f'k={k}: ask for at least one result per query')
         if isinstance(queries, str):
             queries = [queries]
         if isinstance(second, str):
@@ -510,8 +664,12 @@ class Searcher:
         e_emb = None if second is None else self.encode(second, 'en')
         ranked = self.rank(q_emb, k, e_emb, weight)
         return [Result(query, None if second is None else second[i],
-                       [Hit(r + 1, self.video_ids[j], float(s)) for r, (j, s) in enumerate(hits)])
+                       [Hit(r + 1, self.video_ids[j], float(s), *self.span(j)) for r, (j, s) in enumerate(hits)])
                 for i, (query, hits) in enumerate(zip(queries, ranked))]
+
+    def span(self, j):
+        """(start, end) seconds of gallery row j, (None, None) when unknown."""
+        return self.spans[j] if self.spans is not None else (None, None)
 
     def rank(self, q, k=10, e=None, weight=None):
         """The search step on encoded queries: per row of the raw query embeddings q [Q, D] (fused with the
@@ -658,12 +816,14 @@ def build_faiss_index(video_emb, factory='Flat', cache_folder=None, device=torch
     faiss = _require_faiss()
     name = 'faiss_' + ''.join(c if c.isalnum() else '_' for c in factory) + '.index'
     path = os.path.join(cache_folder, name) if cache_folder else None
+    index = None
     if path and os.path.isfile(path):
-        index = faiss.read_index(path)
-        if index.ntotal != len(video_emb) or index.d != video_emb.shape[1]:
+        try:
+            index = faiss.read_index(path)
+        except RuntimeError:            # truncated or corrupt: built again below
             index = None
-    else:
-        index = None
+        if index is not None and (index.ntotal != len(video_emb) or index.d != video_emb.shape[1]):
+            index = None
     if index is None:
         x = np.ascontiguousarray(video_emb, dtype=np.float32)
         try:
@@ -676,8 +836,13 @@ def build_faiss_index(video_emb, factory='Flat', cache_folder=None, device=torch
         index.add(x)
         if path:
             tmp = f'{path}.tmp{os.getpid()}'
-            faiss.write_index(index, tmp)
-            os.replace(tmp, path)
+            try:
+                faiss.write_index(index, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
     if device.type == 'cuda' and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
     return index

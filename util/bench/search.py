@@ -3,6 +3,7 @@
     python util/bench/search.py                 # 10k and 100k videos, exact and FAISS, bert-base text encoder (CPU)
     python util/bench/search.py --quick         # tiny sizes and encoder: seconds (the smoke test)
     python util/bench/search.py --device cuda
+    python util/bench/search.py --part zero_shot  # only the search with no training (multilingual CLIP)
 
 Everything is synthetic and offline. Gallery: random unit embeddings of the model's joint-space size (1536, the
 papers' mapping size), so no gallery has to be encoded to time a search. Indexing: the NRCCR video side at the
@@ -20,11 +21,18 @@ Rows (name, value, unit, note):
                          'exact' is the searcher's default for that size: dense float64 up to 2^22 videos x
                          dims, else the two-stage bfloat16 pre-filter + float64 re-scoring; FAISS index.search)
   query_<index>_<N>      end to end: tokenise + encode + search, median and p95
-Targets (docs/search.md): 100k exact search step < 20 ms; end-to-end query < 100 ms with the bert-base encoder.
+  zero_shot_*            the same rows for search with no training (Searcher over the untrained multilingual CLIP
+                         model, docs/search.md 'No training: multilingual CLIP'): a sentence-transformers text model
+                         of clip-ViT-B-32-multilingual-v1's shape (DistilBERT 6 x 768, mean pooling, Dense 768 ->
+                         512) with random weights, a gallery of random 512-d unit embeddings (needs
+                         sentence-transformers; skipped with a line otherwise)
+Targets (docs/search.md): 100k exact search step < 20 ms; end-to-end query < 100 ms with the bert-base encoder and
+with the zero-shot text model.
 --amp bf16 times the text side under bfloat16 autocast (scores change slightly; off by default);
 --prefilter float16 times the float16 pre-filter (faster for one query at a time on CPU, slow for batches).
 """
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -50,6 +58,10 @@ FULL = dict(galleries=(10_000, 100_000), dim=1536, bert=BERT_BASE, queries=(3, 3
 QUICK = dict(galleries=(1_000, 100_000), dim=48, bert=TINY_BERT, queries=(1, 5), index_videos=16,
              frames=(4, 8), feat_dim=32, model=dict(text_hidden_size=32, video_hidden_size=32, text_num_attention=4,
                                                      visual_num_attention=4), k=10)
+# The zero-shot text model: clip-ViT-B-32-multilingual-v1's tower (DistilBERT) and CLIP ViT-B/32's 512 dims
+DISTILBERT = dict(dim=768, n_layers=6, n_heads=12, hidden_dim=3072)
+ZERO_SHOT_FULL = dict(tower=DISTILBERT, clip_dim=512)
+ZERO_SHOT_QUICK = dict(tower=dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64), clip_dim=16)
 SEARCH_TARGET_MS, QUERY_TARGET_MS = 20.0, 100.0
 
 
@@ -154,6 +166,103 @@ def bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp='off', p
     return _timed(step, warm, runs, device), _timed(end_to_end, warm, runs, device), searcher, candidates
 
 
+def build_zero_shot(tower, clip_dim, folder):
+    """The zero-shot model over `clip_dim`-d features and its tokenizer: a sentence-transformers text model (a
+    random DistilBERT of `tower` sizes with the toy vocabulary, mean pooling, Dense -> clip_dim) written to
+    `folder` and loaded as search.py --text_model loads it."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    except ImportError:
+        from sentence_transformers.models import Dense, Pooling, Transformer
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel
+    from nets.common import quiet_transformers
+    quiet_transformers()
+    vocab = build_vocab()
+    encoder_dir, st_dir = os.path.join(folder, 'distilbert'), os.path.join(folder, 'text_model')
+    os.makedirs(encoder_dir, exist_ok=True)
+    with open(os.path.join(encoder_dir, 'vocab.txt'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(vocab) + '\n')
+    BertTokenizerFast(os.path.join(encoder_dir, 'vocab.txt')).save_pretrained(encoder_dir)
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=len(vocab), **tower)).save_pretrained(encoder_dir)
+    transformer = Transformer(encoder_dir, max_seq_length=128)
+    SentenceTransformer(modules=[transformer, Pooling(tower['dim'], 'mean'),
+                                 Dense(tower['dim'], clip_dim, activation_function=torch.nn.Identity())],
+                        device='cpu').save(st_dir)
+    logging.getLogger("nets.mclip").setLevel(logging.ERROR)     # random features: no CLIP to check against
+    model = models.zero_shot_model(st_dir, None, clip_dim).eval()
+    return model, type(model).build_tokenizer({'bert_name': st_dir}), vocab
+
+
+def gallery_rows(prefix, model, tokenizer, vocab, sizes, device, indexes, amp, prefilter, quick, log):
+    """Rows of the search step and the end-to-end query for each index and gallery size."""
+    rows = []
+    for index in indexes:
+        if index == 'faiss':
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                log('faiss: not installed (pip install faiss-cpu), skipped')
+                continue
+        for n in sizes['galleries']:
+            step, e2e, searcher, cands = bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp,
+                                                       prefilter)
+            how = (f'FAISS {searcher.faiss.__class__.__name__}' if searcher.faiss is not None else
+                   f'{searcher.scoring}' + (f' {str(searcher.low.dtype)[6:]}, median {int(np.median(cands))} '
+                                            'candidates' if searcher.low is not None else ' float64'))
+            del searcher
+            for kind, times, target in (('search', step, SEARCH_TARGET_MS), ('query', e2e, QUERY_TARGET_MS)):
+                med, p95 = _percentiles(times)
+                note = f'p95 {p95:.2f} ms, {len(times)} queries, dim {sizes["dim"]}, {how}'
+                if not quick and (kind == 'query' or index == 'exact') and n == max(sizes['galleries']):
+                    note += f', target < {target:g} ms'
+                rows.append((f'{prefix}{kind}_{index}_{n}', med, 'ms median', note))
+                log(f'{rows[-1][0]:<24} {med:10.2f} {rows[-1][2]:<9} {note}')
+    return rows
+
+
+def run_zero_shot(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp='off', prefilter='auto',
+                  log=print):
+    """Rows [(name, value, unit, note)] of search with no training: the text side (tokenise = the
+    sentence-transformers preprocessing, the whole text model) and the search step and end-to-end query at
+    each gallery size; [] with a line when sentence-transformers is not installed."""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        log('zero-shot: sentence-transformers not installed (pip install sentence-transformers), skipped')
+        return []
+    sizes = QUICK if quick else FULL
+    zs = ZERO_SHOT_QUICK if quick else ZERO_SHOT_FULL
+    sizes = dict(sizes, dim=zs['clip_dim'])
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        model, tokenizer, vocab = build_zero_shot(zs['tower'], zs['clip_dim'], folder)
+        model.to(device)
+        autocast = autocast_factory(amp, device)
+        warm, runs = sizes['queries']
+        queries = random_queries(vocab, warm + runs, seed=1)
+
+        def tokenise(i):
+            dp.move_to(dp.collate_ids(dp.tokenize(tokenizer, [queries[i]])), device)
+
+        @torch.inference_mode()
+        def encoder(i):
+            with autocast():
+                model.embed_texts({'query': dp.move_to(dp.collate_ids(dp.tokenize(tokenizer, [queries[i]])), device)})
+        tower = 'DistilBERT 6 x 768' if not quick else 'tiny DistilBERT'
+        for part, fn in (('tokenise', tokenise), ('text_encoder', encoder)):
+            med, p95 = _percentiles(_timed(fn, warm, runs, device))
+            rows.append((f'zero_shot_query_{part}', med, 'ms median', f'p95 {p95:.2f} ms, {tower}, amp {amp}'))
+            log(f'{rows[-1][0]:<24} {med:10.2f} {rows[-1][2]:<9} {rows[-1][3]}')
+        rows += gallery_rows('zero_shot_', model, tokenizer, vocab, sizes, device, indexes, amp, prefilter, quick,
+                             log)
+    return rows
+
+
 def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp='off', prefilter='auto', log=print):
     """Rows [(name, value, unit, note)] of the search benchmark; also printed through `log`."""
     sizes = QUICK if quick else FULL
@@ -175,27 +284,7 @@ def run(quick=False, device='cpu', indexes=('exact', 'faiss'), threads=None, amp
             med, p95 = _percentiles(times)
             rows.append((f'query_{part}', med, 'ms median', f'p95 {p95:.2f} ms, {bert}, amp {amp}'))
             log(f'{rows[-1][0]:<24} {med:10.2f} {rows[-1][2]:<9} {rows[-1][3]}')
-        for index in indexes:
-            if index == 'faiss':
-                try:
-                    import faiss  # noqa: F401
-                except ImportError:
-                    log('faiss: not installed (pip install faiss-cpu), skipped')
-                    continue
-            for n in sizes['galleries']:
-                step, e2e, searcher, cands = bench_gallery(model, tokenizer, vocab, n, sizes, device, index, amp,
-                                                           prefilter)
-                how = (f'FAISS {searcher.faiss.__class__.__name__}' if searcher.faiss is not None else
-                       f'{searcher.scoring}' + (f' {str(searcher.low.dtype)[6:]}, median {int(np.median(cands))} '
-                                                'candidates' if searcher.low is not None else ' float64'))
-                del searcher
-                for kind, times, target in (('search', step, SEARCH_TARGET_MS), ('query', e2e, QUERY_TARGET_MS)):
-                    med, p95 = _percentiles(times)
-                    note = f'p95 {p95:.2f} ms, {len(times)} queries, dim {sizes["dim"]}, {how}'
-                    if not quick and (kind == 'query' or index == 'exact') and n == max(sizes['galleries']):
-                        note += f', target < {target:g} ms'
-                    rows.append((f'{kind}_{index}_{n}', med, 'ms median', note))
-                    log(f'{rows[-1][0]:<24} {med:10.2f} {rows[-1][2]:<9} {note}')
+        rows += gallery_rows('', model, tokenizer, vocab, sizes, device, indexes, amp, prefilter, quick, log)
     return rows
 
 
@@ -209,8 +298,13 @@ def main(argv=None):
                    help='autocast for the text side (default off: the tester\'s embeddings)')
     p.add_argument('--prefilter', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
                    help='two-stage pre-filter type (auto: bfloat16 on CPU, float32 on CUDA)')
+    p.add_argument('--part', default='trained,zero_shot',
+                   help='comma-separated: trained (a checkpoint\'s model), zero_shot (no training) (default both)')
     args = p.parse_args(argv)
-    return run(args.quick, args.device, tuple(args.index.split(',')), args.threads, args.amp, args.prefilter)
+    parts = set(args.part.split(','))
+    options = (args.quick, args.device, tuple(args.index.split(',')), args.threads, args.amp, args.prefilter)
+    return ((run(*options) if 'trained' in parts else [])
+            + (run_zero_shot(*options) if 'zero_shot' in parts else []))
 
 
 if __name__ == '__main__':
