@@ -3,16 +3,17 @@
     on, message, level = resolve_compile(args.compile, device, total_steps)   # once; log `message` at `level`
     ddp_model = compile_forward(ddp_model) if on else ddp_model
 
-What it measured on a CPU (util/benchmark.py --only compile; docs/training.md, 'Compilation'): compiling
-the whole model took minutes of a 2-core CPU and the compiled step was not faster than the eager one, so
-`auto` stays eager on a CPU. On a CUDA device with triton, inductor fuses the element-wise work around the
+What was measured on a CPU (util/benchmark.py --only compile; docs/training.md, 'Compilation'): compiling
+the whole model took minutes of a 2-core CPU and the compiled training step was slower than the eager one,
+so `auto` stays eager on a CPU. On a CUDA device with triton, inductor fuses the element-wise work around the
 matrix products (dropout masks, casts, layer norms), which eager runs as separate kernels; `auto` compiles
 there when the run is long enough to pay for compiling (AUTO_MIN_STEPS). Where no compiler is found
 (inductor needs a C++ compiler on a CPU, triton on a GPU) the run stays eager and says so, even with 1.
 
 Shapes: padded caption and video lengths change from batch to batch, so the model is compiled with dynamic
 shapes (one graph for every length; a batch of one caption or video may still compile once more, since
-sizes 0 and 1 are specialised). Training batches cannot be padded to a few fixed lengths instead: with
+sizes 0 and 1 are specialised, and MLCMR's video encoder compiles the part after its GRU, where dynamo breaks
+the graph, a second time in the first step, when the frame-dropped view brings a new length). Training batches cannot be padded to a few fixed lengths instead: with
 parity pooling the mean runs over the padded positions, so extra padding would change the embeddings.
 """
 import importlib.util
@@ -24,7 +25,6 @@ import torch
 
 from basic.errors import DataError
 
-COMPILE_CHOICES = ('auto', '1', '0')
 CXX_CANDIDATES = ('g++', 'c++', 'clang++')
 # `auto` compiles on a GPU only for runs of at least this many training steps: compiling costs a minute or
 # two, and a compiled step saves some milliseconds, so short runs (tests, toy runs) stay eager.
@@ -82,8 +82,9 @@ def resolve_compile(spec, device, total_steps):
 
 
 def compile_forward(module, backend='inductor'):
-    """`module` compiled (by `backend`, torch.compile's default inductor) with dynamic shapes (padded lengths vary from batch to batch); the state dict of
-    the result carries an `_orig_mod.` prefix, which basic/checkpoint.py strips.
+    """`module` (or a function) compiled by `backend` (torch.compile's default, inductor) with dynamic shapes,
+    since padded lengths vary from batch to batch; the state dict of a compiled module carries an `_orig_mod.`
+    prefix, which basic/checkpoint.py strips.
 
     Duck shaping is turned off: by default two lengths that happen to be equal in the first batch (the source
     caption and its back-translation both padded to 31) are assumed equal for good, and the next batch where

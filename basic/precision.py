@@ -52,8 +52,9 @@ def cpu_bf16_support(flags=None):
 
 
 def cpu_fast_bf16_rnn(flags=None):
-    """Whether a bf16 GRU runs faster than an fp32 one on this CPU: with AMX tiles (measured, MLCMR's GRU:
-    about 2x faster forward and backward), not with AVX512-BF16 alone (slower than fp32)."""
+    """Whether a bf16 GRU runs faster than an fp32 one on this CPU: with AMX tiles (measured on MLCMR's GRU:
+    2x faster forward, 1.4x forward and backward), not with AVX512-BF16 alone (slower than fp32; docs/training.md,
+    'Mixed precision')."""
     return CPU_FAST_BF16_RNN_FLAG in (cpu_flags() if flags is None else flags)
 
 

@@ -123,7 +123,8 @@ def test_quick_run_writes_every_section(tmp_path, capsys):
                         and page['page_queries'] == benchmark.bench_page.QUICK['clients']
                         * benchmark.bench_page.QUICK['queries_per_client'])
     # epoch: trainer.py processes, NRCCR and MLCMR side by side, --amp off and auto, the other defaults
-    assert [(r['model'], r['amp']) for r in report['epoch']] == [(m, a) for a in ('off', 'auto') for m in ('nrccr', 'mlcmr')]
+    assert [(r['model'], r['amp']) for r in report['epoch']] == [
+        (m, a) for a in ('off', 'auto') for m in ('nrccr', 'mlcmr')]
     for row in report['epoch']:
         _positive(row, ['wall_s', 'epoch_s', 'samples_per_s', 'peak_rss_gib'])
         assert row['epoch_s'] < row['wall_s'] and row['compile'].startswith('eager (--compile auto')

@@ -615,7 +615,8 @@ def bench_per_component(data, sizes, device, amps):
     rows = []
     encoder = sizes['profile_encoder']
     for name in ('nrccr', 'mlcmr'):
-        batch_size = sizes['cpu_train_batch'] if device.type == 'cpu' else models.MODELS[name].RUN_DEFAULTS['batch_size']
+        batch_size = (sizes['cpu_train_batch'] if device.type == 'cpu'
+                      else models.MODELS[name].RUN_DEFAULTS['batch_size'])
         setup = TrainSetup(name, encoder, data.store.dim, sizes['model_overrides'].get(name, {}), device, 'off')
         batch = dp.move_to(data.batch(name, batch_size, seed=100), device)
         found = component_rows(name, setup.model, batch, device,
@@ -698,7 +699,8 @@ def _compile_row(row, calls, warmup, runs, device, counters):
     pays = (f'pays after {row["pays_after_calls"]:,.0f} calls' if row['pays_after_calls'] is not None
             else 'never pays (not faster)')
     print(f'  compile {row["what"]:13} {row["model"]:5} {row["encoder"]:9} {row["device"]:6} {row["amp"]:4} batch '
-          f'{row["batch"]:3}: eager {1000 * eager:7.1f} ms, compiled {1000 * compiled:7.1f} ms ({row["speedup"]:.2f}x); '
+          f'{row["batch"]:3}: eager {1000 * eager:7.1f} ms, compiled {1000 * compiled:7.1f} ms '
+          f'({row["speedup"]:.2f}x); '
           f'compiling {row["compile_s"]:.0f} s, {row["graphs"]} graphs, {recompiles} recompilations; {pays}',
           flush=True)
     return row
@@ -718,7 +720,8 @@ def _text_inputs(batch_size, device, lengths=(12, 23, 31)):
 def _video_inputs(batch_size, dim, device, lengths=(41, 57, 64)):
     """Video batches at three padded lengths (frames capped at 64, as the data layer caps them)."""
     return [{'frames': torch.randn(batch_size, n, dim, device=device), 'mask': torch.ones(batch_size, n, device=device),
-             'lengths': torch.full((batch_size,), n, device=device), 'mean': torch.randn(batch_size, dim, device=device)}
+             'lengths': torch.full((batch_size,), n, device=device),
+             'mean': torch.randn(batch_size, dim, device=device)}
             for n in lengths]
 
 
@@ -1041,7 +1044,8 @@ def main(argv=None):
             if 'epoch' in sections:
                 print('epoch', flush=True)
                 report['epoch'] = [r for device in devices for r in bench_epoch.bench_epoch(
-                    args.quick, EPOCH_AMPS, args.epoch_workers, str(device), log=lambda line: print(f'  {line}', flush=True))]
+                    args.quick, EPOCH_AMPS, args.epoch_workers, str(device),
+                    log=lambda line: print(f'  {line}', flush=True))]
         report['notes'] = notes
         report['total_s'] = time.perf_counter() - start
     with open(args.out, 'w') as f:

@@ -133,7 +133,8 @@ def bench_epoch(quick=False, amps=('off', 'auto'), workers=2, device='cpu', log=
                 row = run_epoch(model, root, paths, amp, workers, device, sizes)
                 rows.append(row)
                 log(f'epoch {model:5} --amp {amp:4} ({_first_word(row["amp_resolved"])}, '
-                    f'{_first_word(row["compile"])}): {row["wall_s"]:.1f} s process, {row["epoch_s"]:.1f} s epoch + validation, '
+                    f'{_first_word(row["compile"])}): {row["wall_s"]:.1f} s process, '
+                    f'{row["epoch_s"]:.1f} s epoch + validation, '
                     f'{row["samples_per_s"]:.1f} samples/s, peak {row["peak_rss_gib"]:.2f} GiB')
     return rows
 
