@@ -72,7 +72,7 @@ def resolve_compile(spec, device, total_steps):
         return False, f'compile: eager (--compile 1, but {what})', logging.WARNING
     if device.type != 'cuda':
         return False, (f'compile: eager (--compile auto: on {device.type} compiling took minutes and the '
-                       'compiled step was not faster; --compile 1 to compile anyway)'), logging.INFO
+                       'compiled step was slower; --compile 1 to compile anyway)'), logging.INFO
     if not found:
         return False, f'compile: eager (--compile auto: {what})', logging.INFO
     if total_steps < AUTO_MIN_STEPS:
