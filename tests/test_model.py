@@ -260,6 +260,26 @@ def test_mlcmr_gru_precision_under_cpu_autocast(toy_root, fp32_rnn):
     assert torch.equal(states.float(), fp32) == fp32_rnn
 
 
+def test_mlcmr_bf16_gru_leaves_inference_mode(toy_root):
+    """Evaluation encodes under inference mode, where oneDNN's bf16 GRU kernel is not taken (17x slower than
+    fp32 on an AMX CPU): under a CPU bf16 autocast the GRU runs outside inference mode, without autograd, and
+    gives the states it gives under no_grad."""
+    torch.manual_seed(0)
+    enc = models.build_model(small_cfg(toy_root, 'mlcmr')).video_encoder.eval()
+    enc.cpu_rnn_fp32 = False
+    video = fake_video(3, 6)
+    seen, real = [], enc.rnn.forward
+    enc.rnn.forward = lambda *a, **k: seen.append((torch.is_inference_mode_enabled(),
+                                                    torch.is_grad_enabled())) or real(*a, **k)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            expected = enc(video)
+        with torch.inference_mode():
+            got = enc(video)
+    assert seen == [(False, False), (False, False)]
+    assert torch.equal(got, expected)
+
+
 def test_cpu_fast_bf16_rnn_needs_amx():
     assert precision.cpu_fast_bf16_rnn({'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile'})
     assert not precision.cpu_fast_bf16_rnn({'avx512f', 'avx512_bf16'})

@@ -9,11 +9,11 @@ The collection is util/make_toy_data.py's (videos, English and Chinese captions 
 translations, VisualSearch layout) with VATEX-sized 1024-d frame features and a random BERT of bert-base width
 (768) with 2 layers, whose top layer is fine-tuned (the papers fine-tune the top 7 / 6 of 12). The models keep
 the papers' sizes and settings (do_all_vatex.sh: NRCCR batch 128, validation batch 128, strong
-discriminator; do_all_mlcmr.sh: MLCMR batch 64, validation batch 16, parallel / human_label), and every other
+discriminator; do_all_mlcmr.sh: MLCMR batch 64, validation with the training batch, parallel / human_label), and every other
 flag its default: --compile auto among them, so a row is what a user gets on this machine. Each run is
 `trainer.py ... --num_epochs 1 --skip_test 1` in a new process: its wall time counts start-up, loading, the
 epoch, validation and the checkpoints; the epoch's own samples/s and seconds (with validation) come from
-the run's metrics.jsonl, the peak resident memory of the trainer process from getrusage.
+the run's metrics.jsonl, the peak resident memory of the trainer process (VmHWM).
 """
 import argparse
 import json
@@ -51,10 +51,15 @@ PAPER_FLAGS = {
               '--target_language', 'zh', '--layer_list', 'layer.1', '--max_violation'],
 }
 
-# Runs trainer.main in this child process and prints its peak resident memory (KiB on Linux) on the last line.
+# Runs trainer.main in this child process and prints its peak resident memory (KiB) on the last line: VmHWM of
+# /proc/self/status on Linux (getrusage's ru_maxrss survives exec, so a child would report this benchmark's
+# own peak), else ru_maxrss.
 _RUNNER = ('import json, resource, runpy, sys; sys.argv = ["trainer.py"] + sys.argv[1:]; '
            'runpy.run_path("trainer.py", run_name="__main__"); '
-           'print("EPOCH_BENCH " + json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))')
+           'hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")] '
+           'if sys.platform.startswith("linux") else []; '
+           'print("EPOCH_BENCH " + json.dumps({"maxrss_kib": hwm[0] if hwm else '
+           'resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))')
 
 
 def make_collection(root, sizes):
