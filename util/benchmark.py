@@ -111,7 +111,7 @@ FULL = dict(videos=2000, frames=(40, 80), captions_per_video=10, dim=1024, batch
             assembly_batches=20, loader_batches=12, encoders=tuple(ENCODERS), train_models=TRAIN_MODELS,
             model_overrides={'mclip': MCLIP_SETTINGS},
             cpu_train_batch=16,
-            cpu_steps=(1, 3), cuda_steps=(3, 10), compile_encoders=tuple(ENCODERS),
+            cpu_steps=(1, 5), cuda_steps=(3, 10), compile_encoders=tuple(ENCODERS),
             cpu_eval=((15_000, 1_500), (100_000, 10_000)), cuda_eval=bench_metrics.CUDA_SIZES,
             one_thread_eval=(15_000, 1_500),
             peak_n_cpu=2048, peak_n_cuda=8192, peak_reps=5, profile_encoder='small',
