@@ -1,9 +1,14 @@
-"""Shared fixtures: a tiny toy collection with a tiny local BERT, built once per test session."""
+"""Shared fixtures: a tiny toy collection with a tiny local BERT, built once per test session; a deadline on
+every test and on every group of spawned ranks, so a hang fails one test with its stacks instead of stalling
+the suite."""
+import faulthandler
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,68 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 # Small enough for seconds per epoch on 2 CPU cores, large enough for every code path
 # (several captions per video, videos over 64 frames, shuffled file orders).
 TINY = dict(n_train=24, n_val=8, n_test=10, captions_per_video=3, dim=32, bert_hidden=32, bert_layers=4, seed=0)
+
+# The longest test takes under two minutes on 2 CPU cores; one still running after this is stuck.
+TEST_TIMEOUT_S = int(os.environ.get('MLCMR_TEST_TIMEOUT', 600))
+RANKS_TIMEOUT_S = int(os.environ.get('MLCMR_RANKS_TIMEOUT', 240))
+
+
+@pytest.fixture(autouse=True)
+def deadline(request):
+    """Fails the test (TimeoutError, every thread's stack on stderr) if it runs past TEST_TIMEOUT_S. SIGALRM
+    interrupts the main thread between bytecodes and in waits (a subprocess, a join), so the suite goes on."""
+    if not hasattr(signal, 'SIGALRM') or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        faulthandler.dump_traceback(all_threads=True)
+        raise TimeoutError(f'{request.node.nodeid} still running after {TEST_TIMEOUT_S} s (stacks above)')
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _rank_main(rank, fn, timeout, args):
+    """A spawned rank: prints its stacks and exits if it is still running after `timeout` seconds."""
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    fn(rank, *args)
+    faulthandler.cancel_dump_traceback_later()
+
+
+def leave_group():
+    """The end of a spawned rank that ran a DDP backward (drop the DDP wrapper first). torch's gloo can deadlock
+    in destroy_process_group right after a backward (seen about 1 run in 10 here): a collective launched during
+    backward carries a Python object in its thread-local state, the barrier's work keeps it alive, and gloo's
+    worker thread then needs the GIL to free it while the main thread holds the GIL joining that thread in
+    ~ProcessGroupGloo. A plain all_reduce after the barrier cannot be queued until the worker has freed the
+    barrier's work (the main thread waits without the GIL), and itself carries nothing to free."""
+    import torch
+    import torch.distributed as tdist
+    tdist.barrier()
+    tdist.all_reduce(torch.zeros(1))
+    tdist.destroy_process_group()
+
+
+def spawn_ranks(fn, args, nprocs=2, timeout=RANKS_TIMEOUT_S):
+    """torch.multiprocessing.spawn(fn, args, nprocs) that cannot hang: a rank still running after `timeout`
+    seconds prints its stacks and exits, which fails the test; the ranks never outlive it."""
+    import torch.multiprocessing as mp
+    context = mp.spawn(_rank_main, args=(fn, timeout, args), nprocs=nprocs, join=False)
+    stop = time.monotonic() + timeout + 30
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > stop:
+                pytest.fail(f'{fn.__name__}: ranks still running {timeout + 30} s after the start')
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
 
 
 @pytest.fixture(scope='session')

@@ -6,9 +6,8 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import tiny_train_argv, val_score_of_checkpoint
+from conftest import leave_group, spawn_ranks, tiny_train_argv, val_score_of_checkpoint
 
 
 def free_port():
@@ -66,7 +65,7 @@ def ddp_worker(rank, world, port, argv, report_dir):
 def test_two_process_epoch(toy_root, tmp_path, model_name):
     argv = tiny_train_argv(toy_root, f'ddp_{model_name}', '--model', model_name, '--num_epochs', '1',
                            '--skip_test', '1', '--batch_size', '8', '--disc_type', 'strong')
-    mp.spawn(ddp_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(ddp_worker, (2, free_port(), argv, str(tmp_path)))
     r0, r1 = (json.load(open(tmp_path / f'rank{r}.json')) for r in (0, 1))
     steps = -(-(-(-72 // 2)) // 8)                               # 72 captions, 36 per rank, batches of 8
     assert len(r0['checks']) == len(r1['checks']) == steps
@@ -110,14 +109,15 @@ def gradient_worker(rank, world, port, root, out_path):
     loss.backward()
     if rank == 0:
         torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': float(logs['loss'])}, out_path)
-    tdist.destroy_process_group()
+    del ddp
+    leave_group()
 
 
 def test_global_batch_gradient_equals_single_process(toy_root, tmp_path):
     import model as models
     from test_model import mlcmr_batch, small_cfg
     out = tmp_path / 'ddp_grads.pt'
-    mp.spawn(gradient_worker, args=(2, free_port(), toy_root, str(out)), nprocs=2, join=True)
+    spawn_ranks(gradient_worker, (2, free_port(), toy_root, str(out)))
     torch.manual_seed(0)
     model = models.build_model(small_cfg(toy_root, 'mlcmr')).eval()
     torch.manual_seed(1)

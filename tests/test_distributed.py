@@ -6,9 +6,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from basic import distributed as dist
+from conftest import spawn_ranks
 
 TORCHRUN_VARS = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 
@@ -93,7 +93,7 @@ def worker(rank, port, out_dir):
 
 
 def test_two_process_gloo(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(worker, (free_port(), str(tmp_path)))
     r0, r1 = (json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1))
     gathered = [[1, 2], [3, 4], [2, 4], [6, 8], [10, 12]]
     assert r0['y'] == r1['y'] == gathered

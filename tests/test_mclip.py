@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import loss as losses
 import model as models
@@ -23,7 +22,7 @@ from basic import runs
 from basic.bigfile import BigFile, write_bigfile
 from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip
 from basic.video2frames import read_video2frames, write_video2frames
-from conftest import REPO, tiny_train_argv
+from conftest import REPO, leave_group, spawn_ranks, tiny_train_argv
 from nets import text_towers as towers
 from test_ddp import ddp_worker, free_port, slice_batch
 from test_run_reliability import assert_same_run, killed_run, result_metrics, run_argv
@@ -293,7 +292,7 @@ def test_mclip_resumes_exactly_after_a_kill(clip_root, tiny_st, tmp_path):
 def test_mclip_two_process_epoch(clip_root, tiny_st, tmp_path):
     argv = mclip_argv(clip_root, 'ddp_mclip', tiny_st, '--num_epochs', '1', '--skip_test', '1', '--batch_size', '8',
                       '--temporal', 'transformer', '--c2kd_w', '0.5')
-    mp.spawn(ddp_worker, args=(2, free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(ddp_worker, (2, free_port(), argv, str(tmp_path)))
     r0, r1 = (json.load(open(tmp_path / f'rank{r}.json')) for r in (0, 1))
     assert len(r0['checks']) == len(r1['checks']) == 5              # 72 captions, 36 per rank, batches of 8
     assert all(r0['checks']) and all(r1['checks']) and r1['writes'] == []
@@ -333,15 +332,15 @@ def gradient_worker(rank, world, port, tiny_st, out_path):
     loss.backward()
     if rank == 0:
         torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': float(logs['loss'])}, out_path)
-    tdist.barrier()                 # both ranks leave together (a rank destroying the group alone can hang)
-    tdist.destroy_process_group()
+    del ddp
+    leave_group()
 
 
 def test_mclip_global_batch_gradient_equals_single_process(tiny_st, tmp_path):
     """Embeddings gathered with gradient, the loss of the global batch times the world size, and the temperature's
     gradient shared out over the ranks: DDP's averaged gradient is the single-process one, temperature included."""
     out = tmp_path / 'grads.pt'
-    mp.spawn(gradient_worker, args=(2, free_port(), tiny_st, str(out)), nprocs=2, join=True)
+    spawn_ranks(gradient_worker, (2, free_port(), tiny_st, str(out)))
     model = _gradient_model(tiny_st)
     loss, logs = model.training_loss(model(_mclip_batch()))
     loss.backward()
