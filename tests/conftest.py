@@ -47,6 +47,17 @@ def deadline(request):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """One torch thread for a whole module: float sums depend on the thread count, and modules that compare a
+    run with a killed one (a one-thread subprocess) need bit-equality wherever the default is not one."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _rank_main(rank, fn, timeout, args):
     """A spawned rank: prints its stacks and exits if it is still running after `timeout` seconds."""
     faulthandler.dump_traceback_later(timeout, exit=True)

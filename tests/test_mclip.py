@@ -35,13 +35,7 @@ CLIP_DIM = 16
 
 # ============ fixtures: a tiny CLIP, a tiny sentence-transformers model, a collection of "CLIP" features ============
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Float sums depend on the thread count; the killed runs are subprocesses with one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # the killed runs are one-thread subprocesses
 
 
 @pytest.fixture(scope='module')

@@ -60,14 +60,7 @@ def result_metrics(result):
         return json.load(f)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Float sums depend on the number of torch threads; the killed runs are subprocesses with one thread, so
-    every run of this module uses one (otherwise bit-equality would hold only where the default is one)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')  # the killed runs are one-thread subprocesses
 
 
 @pytest.fixture(scope='module')

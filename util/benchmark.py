@@ -946,6 +946,14 @@ def _devices(spec, parser):
     return [device]
 
 
+
+def _subset(parser, flag, value, allowed):
+    """The comma-separated names of `value`, all in `allowed`; otherwise the parser's one-line error."""
+    names = tuple(n.strip() for n in value.split(',') if n.strip())
+    if not names or set(names) - set(allowed):
+        parser.error(f'{flag} {value}: expected a comma-separated subset of {",".join(allowed)}')
+    return names
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -963,17 +971,9 @@ def main(argv=None):
     devices = _devices(args.device, parser)
     sizes = QUICK if args.quick else FULL
     if args.train_models:
-        names = tuple(n.strip() for n in args.train_models.split(',') if n.strip())
-        if not names or set(names) - set(TRAIN_MODELS):
-            parser.error(f'--train_models {args.train_models}: expected a comma-separated subset of '
-                         f'{",".join(TRAIN_MODELS)}')
-        sizes = dict(sizes, train_models=names)
+        sizes = dict(sizes, train_models=_subset(parser, '--train_models', args.train_models, TRAIN_MODELS))
     if args.compile_encoders:
-        encoders = tuple(e.strip() for e in args.compile_encoders.split(',') if e.strip())
-        if not encoders or set(encoders) - set(ENCODERS):
-            parser.error(f'--compile_encoders {args.compile_encoders}: expected a comma-separated subset of '
-                         f'{",".join(ENCODERS)}')
-        sizes = dict(sizes, compile_encoders=encoders)
+        sizes = dict(sizes, compile_encoders=_subset(parser, '--compile_encoders', args.compile_encoders, ENCODERS))
     amps_of = lambda device: train_amps(device, args.amps)       # noqa: E731
     with num_threads(args.threads or torch.get_num_threads()):
         if any(d.type == 'cuda' for d in devices):      # as the trainer runs
