@@ -682,15 +682,14 @@ def rerun_finished(args, run):
     result = {'run_dir': run.directory, 'skipped': True}
     if not args.skip_test:
         result['test'] = test_after_training(args, run, overwrite=False)
+    dist.cleanup()
     return result
 
 
 # ============ main ============
 
 def main(argv=None):
-    result = runs.run_cli(_main, parse_args(argv))
-    dist.cleanup()          # after _main has returned: its DDP wrapper is gone (basic/distributed.py, cleanup)
-    return result
+    return runs.run_cli(_main, parse_args(argv))
 
 
 def _main(args):
@@ -717,6 +716,7 @@ def _main(args):
         result = finish(run, state)
     if not args.skip_test:
         result['test'] = test_after_training(args, run, overwrite=True)
+    dist.cleanup()
     return result
 
 

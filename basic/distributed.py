@@ -147,19 +147,9 @@ def all_reduce_mean_(tensors):
 
 
 def cleanup():
-    """Leave the process group (if any), on every rank, once the DDP wrapper is gone (the trainer calls it after
-    its run has returned). With gloo it first drains the group, a barrier and then an all_reduce, so that no
-    worker thread of gloo still holds a work launched during a backward: such a work carries a Python object in
-    its thread-local state, and a worker freeing it while the main thread, holding the GIL, joins that worker in
-    ~ProcessGroupGloo deadlocks the rank at exit (torch 2.13; seen here about once in 30 two-process runs). The
-    all_reduce cannot be queued before the worker has freed the barrier's work (the main thread waits without
-    the GIL), and it carries nothing to free."""
-    if not _active():
-        return
-    if dist.get_backend() == 'gloo':
-        dist.barrier()
-        dist.all_reduce(torch.zeros(1))
-    dist.destroy_process_group()
+    """Leave the process group (if any)."""
+    if _active():
+        dist.destroy_process_group()
 
 
 def broadcast_buffers_(module, src=0):

@@ -65,6 +65,20 @@ def _rank_main(rank, fn, timeout, args):
     faulthandler.cancel_dump_traceback_later()
 
 
+def leave_group():
+    """The end of a spawned rank that ran a DDP backward (drop the DDP wrapper first). torch's gloo can deadlock
+    in destroy_process_group right after a backward (seen about 1 run in 10 here): a collective launched during
+    backward carries a Python object in its thread-local state, the barrier's work keeps it alive, and gloo's
+    worker thread then needs the GIL to free it while the main thread holds the GIL joining that thread in
+    ~ProcessGroupGloo. A plain all_reduce after the barrier cannot be queued until the worker has freed the
+    barrier's work (the main thread waits without the GIL), and itself carries nothing to free."""
+    import torch
+    import torch.distributed as tdist
+    tdist.barrier()
+    tdist.all_reduce(torch.zeros(1))
+    tdist.destroy_process_group()
+
+
 def spawn_ranks(fn, args, nprocs=2, timeout=RANKS_TIMEOUT_S):
     """torch.multiprocessing.spawn(fn, args, nprocs) that cannot hang: a rank still running after `timeout`
     seconds prints its stacks and exits, which fails the test; the ranks never outlive it."""

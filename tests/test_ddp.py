@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from conftest import spawn_ranks, tiny_train_argv, val_score_of_checkpoint
+from conftest import leave_group, spawn_ranks, tiny_train_argv, val_score_of_checkpoint
 
 
 def free_port():
@@ -109,8 +109,8 @@ def gradient_worker(rank, world, port, root, out_path):
     loss.backward()
     if rank == 0:
         torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': float(logs['loss'])}, out_path)
-    del ddp                         # then drain and leave (basic/distributed.py, cleanup)
-    dist.cleanup()
+    del ddp
+    leave_group()
 
 
 def test_global_batch_gradient_equals_single_process(toy_root, tmp_path):

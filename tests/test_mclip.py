@@ -22,7 +22,7 @@ from basic import runs
 from basic.bigfile import BigFile, write_bigfile
 from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip
 from basic.video2frames import read_video2frames, write_video2frames
-from conftest import REPO, spawn_ranks, tiny_train_argv
+from conftest import REPO, leave_group, spawn_ranks, tiny_train_argv
 from nets import text_towers as towers
 from test_ddp import ddp_worker, free_port, slice_batch
 from test_run_reliability import assert_same_run, killed_run, result_metrics, run_argv
@@ -326,8 +326,8 @@ def gradient_worker(rank, world, port, tiny_st, out_path):
     loss.backward()
     if rank == 0:
         torch.save({'grads': [p.grad for p in model.main_parameters()], 'loss': float(logs['loss'])}, out_path)
-    del ddp                         # then drain and leave (basic/distributed.py, cleanup)
-    dist.cleanup()
+    del ddp
+    leave_group()
 
 
 def test_mclip_global_batch_gradient_equals_single_process(tiny_st, tmp_path):

@@ -946,13 +946,13 @@ def _devices(spec, parser):
     return [device]
 
 
-
 def _subset(parser, flag, value, allowed):
     """The comma-separated names of `value`, all in `allowed`; otherwise the parser's one-line error."""
     names = tuple(n.strip() for n in value.split(',') if n.strip())
     if not names or set(names) - set(allowed):
         parser.error(f'{flag} {value}: expected a comma-separated subset of {",".join(allowed)}')
     return names
+
 
 def main(argv=None):
     parser = get_args_parser()

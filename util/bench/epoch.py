@@ -9,8 +9,8 @@ The collection is util/make_toy_data.py's (videos, English and Chinese captions 
 translations, VisualSearch layout) with VATEX-sized 1024-d frame features and a random BERT of bert-base width
 (768) with 2 layers, whose top layer is fine-tuned (the papers fine-tune the top 7 / 6 of 12). The models keep
 the papers' sizes and settings (do_all_vatex.sh: NRCCR batch 128, validation batch 128, strong
-discriminator; do_all_mlcmr.sh: MLCMR batch 64, validation with the training batch, parallel / human_label), and every other
-flag its default: --compile auto among them, so a row is what a user gets on this machine. Each run is
+discriminator; do_all_mlcmr.sh: MLCMR batch 64, validation with the training batch, parallel / human_label),
+and every other flag its default: --compile auto among them, so a row is what a user gets on this machine. Each run is
 `trainer.py ... --num_epochs 1 --skip_test 1` in a new process: its wall time counts start-up, loading, the
 epoch, validation and the checkpoints; the epoch's own samples/s and seconds (with validation) come from
 the run's metrics.jsonl, the peak resident memory of the trainer process (VmHWM).
