@@ -4,7 +4,9 @@ One entry point, `init_distributed`, called first in `main` (never at import). L
 (`WORLD_SIZE` > 1) it starts a process group — nccl on CUDA, gloo on CPU; otherwise it starts none and every
 helper below is a no-op (rank 0 of a world of 1).
 """
+import collections
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,50 +82,94 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def _gloo():
+    return _active() and dist.get_backend() == 'gloo'
+
+
+# The last collectives of a gloo group, each with its tensors (docs/distributed.md, 'Leaving the process group').
+# gloo's worker threads finish a work after its caller has returned; a worker that drops the last reference to a
+# tensor Python also knew must take the GIL, and if the main thread meanwhile holds the GIL destroying the group
+# (it joins those workers), the rank never exits. While they stay here, no worker drops the last reference.
+_RECENT = collections.deque(maxlen=16)
+_FENCE = {}
+
+
+def _collective(op, tensors, *args, **kwargs):
+    """Run `op` (a torch.distributed collective) on `tensors` and wait for it; with gloo, keep the work and its
+    tensors among the recent ones (_RECENT) so that no worker thread is left freeing them."""
+    work = op(tensors, *args, async_op=True, **kwargs)
+    work.wait()
+    if _gloo():
+        _RECENT.append((work, tensors, args))
+
+
 def barrier():
-    if _active():
-        if dist.get_backend() == 'nccl':       # name the device, or nccl guesses it from the rank
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+    """Every rank waits here for the others. gloo: a one-element all_reduce (gloo's own barrier keeps the
+    works still running when it starts alive until it is freed, which can be on a worker thread)."""
+    if not _active():
+        return
+    if dist.get_backend() == 'nccl':           # name the device, or nccl guesses it from the rank
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        fence = _FENCE.setdefault('cpu', torch.zeros(1))
+        _collective(dist.all_reduce, fence)
+
+
+def _object_device():
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
+
+
+def _gather_rows(x):
+    """[x of rank 0, x of rank 1, ...]: tensors of the same trailing shape, any number of rows each."""
+    world = get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    _collective(dist.all_gather, sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(n) for n in sizes]
+    longest = max(sizes)
+    padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    _collective(dist.all_gather, parts, padded)
+    return [p[:n] for p, n in zip(parts, sizes)]
 
 
 def all_gather_with_grad(x):
     """Concatenation of `x` from every rank along dim 0, in rank order. The local slice is `x` itself, so it
     keeps its autograd graph: gradient flows to this rank's part only (the other slices are constants).
     Ranks may hold different numbers of rows. Identity when world_size == 1."""
-    world = get_world_size()
-    if world == 1:
+    if get_world_size() == 1:
         return x
     x = x.contiguous()
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(n) for n in sizes]
-    longest = max(sizes)
-    padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.detach())
-    parts = [p[:n] for p, n in zip(parts, sizes)]
+    parts = _gather_rows(x.detach())
     parts[get_rank()] = x
     return torch.cat(parts)
+
+
+def _to_bytes(obj):
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(_object_device())
+
+
+def _from_bytes(t):
+    return pickle.loads(t.cpu().numpy().tobytes())
 
 
 def all_gather_object(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] without a process group."""
     if not _active():
         return [obj]
-    out = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return [_from_bytes(part) for part in _gather_rows(_to_bytes(obj))]
 
 
 def broadcast_object(obj, src=0):
     """Rank `src`'s `obj` on every rank; `obj` itself without a process group."""
     if not _active():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+    data = _to_bytes(obj) if get_rank() == src else None
+    size = torch.tensor([data.numel() if data is not None else 0], device=_object_device())
+    _collective(dist.broadcast, size, src)
+    if data is None:
+        data = torch.empty(int(size), dtype=torch.uint8, device=_object_device())
+    _collective(dist.broadcast, data, src)
+    return _from_bytes(data)
 
 
 def all_reduce_mean_(tensors):
@@ -138,7 +184,7 @@ def all_reduce_mean_(tensors):
             groups.setdefault((t.dtype, t.device), []).append(t)
     for group in groups.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat)
+        _collective(dist.all_reduce, flat)
         flat /= world
         offset = 0
         for t in group:
@@ -147,9 +193,14 @@ def all_reduce_mean_(tensors):
 
 
 def cleanup():
-    """Leave the process group (if any)."""
-    if _active():
-        dist.destroy_process_group()
+    """Leave the process group (if any), every rank together. With gloo the ranks meet at a last barrier first:
+    its tensor and those of the recent collectives are still held (_RECENT), so the worker threads that
+    destroying the group joins have nothing left that needs the GIL."""
+    if not _active():
+        return
+    if _gloo():
+        barrier()
+    dist.destroy_process_group()
 
 
 def broadcast_buffers_(module, src=0):
@@ -157,4 +208,4 @@ def broadcast_buffers_(module, src=0):
     own batches when BatchNorm is not synchronised) to every rank; no-op without a process group."""
     if get_world_size() > 1:
         for buf in module.buffers():
-            dist.broadcast(buf, src)
+            _collective(dist.broadcast, buf, src)

@@ -83,8 +83,9 @@ def worker(rank, port, out_dir):
         grads = [torch.tensor([1.0, 2.0, 3.0]) * (1 + 2 * rank), None, torch.full((2, 2), float(rank))]
         dist.all_reduce_mean_(grads)
         record = {'y': y.tolist(), 'grad': x.grad.tolist(), 'mean': grads[0].tolist(), 'mean2': grads[2].tolist(),
-                  'objects': dist.all_gather_object({'rank': rank}),
-                  'broadcast': dist.broadcast_object(f'from {rank}', src=1)}
+                  'objects': dist.all_gather_object({'rank': rank, 'text': 'ab' * 500 * rank}),   # uneven sizes
+                  'tensors': [t.tolist() for t in dist.all_gather_object(torch.full((rank + 1,), rank + 0.5))],
+                  'broadcast': dist.broadcast_object(f'from {rank} ' * (rank + 1) * 100, src=1)}
         dist.barrier()
         with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
             json.dump(record, f)
@@ -102,5 +103,6 @@ def test_two_process_gloo(tmp_path):
     assert r1['grad'] == [[5, 6], [7, 8], [9, 10]]
     assert r0['mean'] == r1['mean'] == [2, 4, 6]
     assert r0['mean2'] == r1['mean2'] == [[0.5, 0.5], [0.5, 0.5]]
-    assert r0['objects'] == r1['objects'] == [{'rank': 0}, {'rank': 1}]
-    assert r0['broadcast'] == r1['broadcast'] == 'from 1'
+    assert r0['objects'] == r1['objects'] == [{'rank': 0, 'text': ''}, {'rank': 1, 'text': 'ab' * 500}]
+    assert r0['tensors'] == r1['tensors'] == [[0.5], [1.5, 1.5]]
+    assert r0['broadcast'] == r1['broadcast'] == 'from 1 ' * 200
