@@ -91,7 +91,7 @@ def _gloo():
 # tensor Python also knew must take the GIL, and if the main thread meanwhile holds the GIL destroying the group
 # (it joins those workers), the rank never exits. While they stay here, no worker drops the last reference.
 _RECENT = collections.deque(maxlen=16)
-_FENCE = {}
+_FENCE = torch.zeros(1)          # gloo's barrier: an all_reduce of zeros
 
 
 def _collective(op, tensors, *args, **kwargs):
@@ -111,8 +111,7 @@ def barrier():
     if dist.get_backend() == 'nccl':           # name the device, or nccl guesses it from the rank
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
-        fence = _FENCE.setdefault('cpu', torch.zeros(1))
-        _collective(dist.all_reduce, fence)
+        _collective(dist.all_reduce, _FENCE)
 
 
 def _object_device():
