@@ -682,14 +682,15 @@ def rerun_finished(args, run):
     result = {'run_dir': run.directory, 'skipped': True}
     if not args.skip_test:
         result['test'] = test_after_training(args, run, overwrite=False)
-    dist.cleanup()
     return result
 
 
 # ============ main ============
 
 def main(argv=None):
-    return runs.run_cli(_main, parse_args(argv))
+    result = runs.run_cli(_main, parse_args(argv))
+    dist.cleanup()      # once _main has returned: its DDP wrapper no longer holds the process group
+    return result
 
 
 def _main(args):
@@ -716,7 +717,6 @@ def _main(args):
         result = finish(run, state)
     if not args.skip_test:
         result['test'] = test_after_training(args, run, overwrite=True)
-    dist.cleanup()
     return result
 
 

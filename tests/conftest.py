@@ -66,17 +66,15 @@ def _rank_main(rank, fn, timeout, args):
 
 
 def leave_group():
-    """The end of a spawned rank that ran a DDP backward (drop the DDP wrapper first). torch's gloo can deadlock
-    in destroy_process_group right after a backward (seen about 1 run in 10 here): a collective launched during
-    backward carries a Python object in its thread-local state, the barrier's work keeps it alive, and gloo's
-    worker thread then needs the GIL to free it while the main thread holds the GIL joining that thread in
-    ~ProcessGroupGloo. A plain all_reduce after the barrier cannot be queued until the worker has freed the
-    barrier's work (the main thread waits without the GIL), and itself carries nothing to free."""
-    import torch
+    """The end of a spawned rank that ran a DDP backward (drop the DDP wrapper first). Collectives launched during a
+    backward carry a Python object of it in their thread-local state, and gloo's barrier keeps the works still
+    running when it starts alive until it is freed; this barrier, waited for before basic.distributed.cleanup's
+    own (an all_reduce; the main thread waits without the GIL), lets gloo's workers free them before the group is
+    destroyed (docs/distributed.md, 'Leaving the process group'). Without it a rank hung about 1 run in 10."""
     import torch.distributed as tdist
+    from basic import distributed as dist
     tdist.barrier()
-    tdist.all_reduce(torch.zeros(1))
-    tdist.destroy_process_group()
+    dist.cleanup()
 
 
 def spawn_ranks(fn, args, nprocs=2, timeout=RANKS_TIMEOUT_S):

@@ -55,6 +55,7 @@ def main(root, out_dir):
         result[name] = {'grads': [p.grad.clone() for p in model.main_parameters()],
                         'logs': {k: float(v) for k, v in logs.items()}}     # logs are 0-d tensors
     torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+    del ddp                 # nothing else may hold the group when it is destroyed
     dist.cleanup()
 
 

@@ -1,6 +1,7 @@
 """Stress check of a two-process run's exit (docs/distributed.md, 'Leaving the process group'); not collected by
-pytest. Trains one toy epoch with two gloo ranks N times, the way tests/test_ddp.py and tests/test_mclip.py do,
-and counts the runs whose ranks are still alive 90 s after the start; for each, the ranks' native stacks go to
+pytest. Trains one toy epoch with two gloo ranks N times, the way tests/test_ddp.py and tests/test_mclip.py do
+(or, with --model gradient, runs tests/test_ddp.py's one-backward gradient ranks), and counts the runs whose
+ranks failed or are still alive 90 s after the start; for each hang, the ranks' native stacks go to
 OUT/hang_<run>_<pid>.txt when py-spy is installed.
 
     python tests/stress_ddp_exit.py --runs 150 --model mclip --out /tmp/ddp_exit
@@ -22,27 +23,32 @@ import test_mclip as tm  # noqa: E402
 from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip  # noqa: E402
 from conftest import TINY, tiny_train_argv  # noqa: E402
 from nets import text_towers as towers  # noqa: E402
-from test_ddp import ddp_worker, free_port  # noqa: E402
+from test_ddp import ddp_worker, free_port, gradient_worker  # noqa: E402
 from util.make_toy_data import make_toy_collection  # noqa: E402
 
 HANG_S = 90
 
 
 def build_inputs(base, model):
-    """The toy collection (and, for mclip, its tiny CLIP features and text model); the trainer's argv of run i."""
+    """The toy collection (and, for mclip, its tiny CLIP features and text model); a function of the run number
+    giving the rank function and its arguments after (rank, world, port)."""
     toy = base / 'VisualSearch'
     make_toy_collection(str(toy), 'toy', **TINY)
+    if model == 'gradient':
+        return lambda i: (gradient_worker, (str(toy), str(base / f'grads{i}.pt')))
     if model != 'mclip':
-        return lambda i: tiny_train_argv(str(toy), f'ddp_{model}{i}', '--model', model, '--num_epochs', '1',
-                                         '--skip_test', '1', '--batch_size', '8', '--disc_type', 'strong')
+        return lambda i: (ddp_worker, (tiny_train_argv(str(toy), f'ddp_{model}{i}', '--model', model, '--num_epochs',
+                                                       '1', '--skip_test', '1', '--batch_size', '8', '--disc_type',
+                                                       'strong'), str(base / f'report{i}')))
     clip = save_tiny_clip(str(base / 'tiny_clip'))
     text_model = tm.build_tiny_st(str(base / 'tiny_st'), str(toy / 'tiny_bert'))
     towers.write_alignment(text_model, ClipImageEmbedder(clip).identity)
     root = base / 'ClipSearch'
     shutil.copytree(toy / 'toy' / 'TextData', root / 'toy' / 'TextData')
     tm.write_clip_features(str(toy), str(root / 'toy' / 'FeatureData' / 'tiny_clip'), clip)
-    return lambda i: tm.mclip_argv(str(root), f'ddp_mclip{i}', text_model, '--num_epochs', '1', '--skip_test', '1',
-                                   '--batch_size', '8', '--temporal', 'transformer', '--c2kd_w', '0.5')
+    return lambda i: (ddp_worker, (tm.mclip_argv(str(root), f'ddp_mclip{i}', text_model, '--num_epochs', '1',
+                                                 '--skip_test', '1', '--batch_size', '8', '--temporal', 'transformer',
+                                                 '--c2kd_w', '0.5'), str(base / f'report{i}')))
 
 
 def dump_stacks(pid, path):
@@ -52,11 +58,11 @@ def dump_stacks(pid, path):
         Path(path).write_text(out)
 
 
-def one_run(argv, report_dir, out, i):
-    """'ok', 'failed' (a rank raised) or 'hung' (a rank alive after HANG_S; its stacks saved, ranks killed)."""
+def one_run(fn, args, out, i):
+    """'ok', 'failed' (a rank raised or aborted) or 'hung' (a rank alive after HANG_S; its stacks saved, ranks
+    killed)."""
     start = time.monotonic()
-    ranks = mp.start_processes(ddp_worker, args=(2, free_port(), argv, str(report_dir)), nprocs=2, join=False,
-                               start_method='spawn')
+    ranks = mp.start_processes(fn, args=(2, free_port(), *args), nprocs=2, join=False, start_method='spawn')
     try:
         while not ranks.join(timeout=1):
             if time.monotonic() - start > HANG_S:
@@ -76,20 +82,19 @@ def one_run(argv, report_dir, out, i):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', type=int, default=100)
-    parser.add_argument('--model', default='mclip', choices=['mclip', 'nrccr', 'mlcmr'])
+    parser.add_argument('--model', default='mclip', choices=['mclip', 'nrccr', 'mlcmr', 'gradient'])
     parser.add_argument('--out', default=os.path.join(tempfile.gettempdir(), 'ddp_exit'))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix='ddp_exit'))
     try:
-        argv_of = build_inputs(base, args.model)
+        run_of = build_inputs(base, args.model)
         counts = {'ok': 0, 'failed': 0, 'hung': 0}
         for i in range(args.runs):
-            report_dir = base / f'report{i}'
-            report_dir.mkdir()
+            (base / f'report{i}').mkdir()
             start = time.monotonic()
-            outcome = one_run(argv_of(i), report_dir, out, i)
+            outcome = one_run(*run_of(i), out, i)
             counts[outcome] += 1
             print(f'run {i + 1}/{args.runs}: {outcome} in {time.monotonic() - start:.1f} s | {counts}', flush=True)
     finally:
