@@ -4,7 +4,6 @@ One entry point, `init_distributed`, called first in `main` (never at import). L
 (`WORLD_SIZE` > 1) it starts a process group — nccl on CUDA, gloo on CPU; otherwise it starts none and every
 helper below is a no-op (rank 0 of a world of 1).
 """
-import atexit
 import collections
 import gc
 import os
@@ -88,15 +87,15 @@ def _gloo():
     return _active() and dist.get_backend() == 'gloo'
 
 
-# The last collectives of a gloo group, each with its tensors (docs/distributed.md, 'Leaving the process group').
-# gloo's worker threads finish a work after its caller has returned; a worker that drops the last reference to a
-# tensor Python also knew must take the GIL, and if the main thread meanwhile holds the GIL destroying the group
-# (it joins those workers), the rank never exits. While they stay here, no worker drops the last reference.
-# cleanup() lets them go once the group is destroyed; at exit they go before the interpreter tears down, as the
-# works also keep gloo's connections alive, which must not outlive the interpreter.
+# The last collectives of a gloo group, each work with its tensors (docs/distributed.md, 'Leaving the process
+# group'). A gloo worker thread lets go of a work just after its caller has returned; if that is the last C++
+# reference to a tensor Python knows, the worker must take the GIL. If the main thread meanwhile holds the GIL
+# destroying the group (it joins those workers) or has begun the interpreter's teardown, the rank hangs or aborts.
+# While the works stay here the workers never hold the last reference (one that newer works push out was let go by
+# its worker long before). cleanup() does not let them go: the group may outlive destroy_process_group (a DDP
+# wrapper or a graph still holds it), and its workers with it.
 _RECENT = collections.deque(maxlen=16)
 _FENCE = torch.zeros(1)          # gloo's barrier: an all_reduce of zeros
-atexit.register(_RECENT.clear)
 
 
 def _collective(op, tensors, *args, **kwargs):
@@ -200,14 +199,13 @@ def cleanup():
     """Leave the process group (if any), every rank together, once nothing else holds it (drop the DDP wrapper
     first). With gloo the ranks meet at a last barrier first: its tensor and those of the recent collectives are
     still held (_RECENT), so the worker threads that destroying the group joins have nothing left that needs the
-    GIL; the recent works go after that."""
+    GIL."""
     if not _active():
         return
     gc.collect()        # a DDP wrapper caught in a reference cycle lets go of the group now, not at exit
     if _gloo():
         barrier()
     dist.destroy_process_group()
-    _RECENT.clear()
 
 
 def broadcast_buffers_(module, src=0):
