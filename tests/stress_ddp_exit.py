@@ -19,10 +19,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import torch.multiprocessing as mp  # noqa: E402
 
-import test_mclip as tm  # noqa: E402
-from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip  # noqa: E402
 from conftest import TINY, tiny_train_argv  # noqa: E402
-from nets import text_towers as towers  # noqa: E402
 from test_ddp import ddp_worker, free_port, gradient_worker  # noqa: E402
 from util.make_toy_data import make_toy_collection  # noqa: E402
 
@@ -40,6 +37,9 @@ def build_inputs(base, model):
         return lambda i: (ddp_worker, (tiny_train_argv(str(toy), f'ddp_{model}{i}', '--model', model, '--num_epochs',
                                                        '1', '--skip_test', '1', '--batch_size', '8', '--disc_type',
                                                        'strong'), str(base / f'report{i}')))
+    import test_mclip as tm                 # needs sentence-transformers (requirements-optional.txt)
+    from basic.clip_encoder import ClipImageEmbedder, save_tiny_clip
+    from nets import text_towers as towers
     clip = save_tiny_clip(str(base / 'tiny_clip'))
     text_model = tm.build_tiny_st(str(base / 'tiny_st'), str(toy / 'tiny_bert'))
     towers.write_alignment(text_model, ClipImageEmbedder(clip).identity)
